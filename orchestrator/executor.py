@@ -1,0 +1,99 @@
+"""One stage's container in pipe's own terms, and the Executor protocol that runs it.
+
+No Docker here: docker_executor.py translates a ContainerSpec into engine calls, and parallel.py and its tests
+depend only on this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+LABEL_PREFIX = "dev.pipe"
+LABEL_MANAGED = f"{LABEL_PREFIX}.managed"  # "1" on every container pipe starts
+LABEL_PIPELINE = f"{LABEL_PREFIX}.pipeline"  # the pipeline's state dir, resolved: one lock, one owner
+LABEL_RUN = f"{LABEL_PREFIX}.run"
+LABEL_STAGE = f"{LABEL_PREFIX}.stage"
+LABEL_PID = f"{LABEL_PREFIX}.pid"  # the pipe process that started it; dead pid => orphan
+LABEL_HOST = f"{LABEL_PREFIX}.host"
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path  # a host path
+    target: str  # a path inside the container
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A secret delivered as /run/secrets/<name> (mode 0400) on a tmpfs, never as an environment variable."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything the engine needs for one attempt of one stage. image_id is immutable, never a tag."""
+
+    name: str  # the stage name, for messages
+    image_id: str
+    command: tuple[str, ...] | None  # None: the image's CMD
+    entrypoint: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    workdir: str = "/workspace"
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    gpus: int = 0
+    pids: int | None = None
+    timeout_s: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    user: str | None = None  # "uid:gid"; None means the image's user
+    network: bool = False
+    tmp_bytes: int = 256 * 1024**2
+    secrets: tuple[SecretFile, ...] = ()
+    log_path: Path | None = None  # where the executor appends the container's output (capped)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # non-zero exit
+    OOM = "oom"  # killed under its memory cap
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"  # stopped by stop_all (Ctrl-C, SIGTERM, run deadline)
+    ERROR = "error"  # infrastructure: the engine failed or the container vanished
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    outcome: Outcome
+    exit_code: int | None
+    reason: str  # one line, e.g. "killed: out of memory (cap 256 MiB)"; "" on success
+    started_at: datetime
+    finished_at: datetime
+    peak_memory_bytes: int | None = None
+    cpu_seconds: float | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+OutputSink = Callable[[str], None]  # receives decoded lines of stdout/stderr as they come
+
+
+class Executor(Protocol):
+    def run(self, spec: ContainerSpec, on_output: OutputSink) -> ExecResult:
+        """Run one container to its end; the container is removed on every path. Raises EngineError only when
+        the engine cannot be used at all; a stage that fails comes back as an ExecResult."""
+        ...
+
+    def stop_all(self) -> None:
+        """Stop every container this executor is running (from a signal handler's thread); idempotent."""
+        ...
