@@ -1,0 +1,337 @@
+"""The use cases behind the commands; the only module that wires the real parts together.
+
+Each function takes plain arguments and returns plain values (results, records, strings); console.py renders
+them. Run: load → plan → lock → recover → images → hash inputs → execute → record (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from orchestrator import loader
+from orchestrator.errors import ExitCode, UsageError
+from orchestrator.events import Reporter, RunFinished, RunStarted, StagePlanned
+from orchestrator.plan import Plan, Selection, build_plan
+from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
+from orchestrator.spec import Pipeline
+from orchestrator.state import StateDir
+from orchestrator.store import Store
+from orchestrator.store.records import RunInfo
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which pipeline and where its state is: what every command starts from."""
+
+    pipeline_path: Path = Path("pipeline.yaml")
+    state_dir: Path | None = None  # --state-dir / PIPE_STATE_DIR; default runs/ beside the file
+    db_url: str | None = None  # --db / PIPE_DB; default sqlite in the state dir
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    target: Target = Target()
+    selection: Selection = Selection()
+    jobs: int | None = None
+    keep_going: bool = False
+    force: frozenset[str] | bool = False  # True: every stage
+    dry_run: bool = False
+    wait: bool = False
+    timeout_s: float | None = None
+    params: tuple[str, ...] = ()  # "train.n_estimators=300"
+    trigger: str = "manual"
+    docker_url: str | None = None
+
+
+@dataclass
+class Cancel:
+    """Set from a signal handler; `signal` says which exit code the run ends with."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    exit_code: ExitCode = ExitCode.INTERRUPTED
+
+    def set(self, exit_code: ExitCode) -> None:
+        self.exit_code = exit_code
+        self.event.set()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    pipeline: Pipeline
+    state: StateDir
+    db_url: str
+
+
+def load(target: Target) -> Loaded:
+    pipeline = loader.load_pipeline(target.pipeline_path)
+    state = StateDir.for_pipeline(pipeline.root, target.state_dir)
+    return Loaded(pipeline, state, target.db_url or state.default_db_url)
+
+
+@contextmanager
+def open_store(loaded: Loaded) -> Iterator[Store]:
+    loaded.state.ensure()
+    store = Store(loaded.db_url)
+    try:
+        if not loaded.state.is_locked():  # nobody runs: a "running" run is a dead one
+            for run in store.running_runs(loaded.pipeline.display_name):
+                store.mark_interrupted(run.id)
+        yield store
+    finally:
+        store.close()
+
+
+def apply_overrides(pipeline: Pipeline, overrides: tuple[str, ...]) -> Pipeline:
+    """`-p train.n_estimators=300`: values are parsed as JSON when they parse, else kept as strings."""
+    stages = dict(pipeline.stages)
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        name, _, key = dotted.partition(".")
+        if not sep or not key:
+            raise UsageError(f"bad param override {item!r}: use STAGE.KEY=VALUE, e.g. train.n_estimators=300")
+        if name not in stages:
+            raise UsageError(f"param override {item!r}: unknown stage {name!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        params = json.loads(json.dumps(stages[name].params))  # deep copy
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"param override {item!r}: {part} is not a mapping")
+        node[leaf] = value
+        stages[name] = stages[name].model_copy(update={"params": params})
+    if not overrides:
+        return pipeline
+    return pipeline.model_copy(update={"stages": stages}).with_source(pipeline.source)
+
+
+def validate(target: Target, check_images: bool = True, docker_url: str | None = None) -> Pipeline:
+    """Load and check a file (and that its images exist or build) without running any stage."""
+    loaded = load(target)
+    build_plan(loaded.pipeline)
+    loader.resolve_secrets(loaded.pipeline, os.environ)
+    if check_images:
+        from orchestrator import docker_executor, images
+
+        client = docker_executor.connect(docker_url)
+        images.resolve_images(
+            loaded.pipeline, loaded.pipeline.stages, client, loaded.state.ensure().images_memo, lambda s, l: None
+        )
+    return loaded.pipeline
+
+
+def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None) -> RunSummary:
+    from orchestrator import docker_executor, images, parallel
+    from orchestrator.cache import Cache
+    from orchestrator.runner import StageRunner, Upstream, hash_inputs
+
+    cancel = cancel or Cancel()
+    loaded = load(request.target)
+    pipeline = apply_overrides(loaded.pipeline, request.params)
+    plan = build_plan(pipeline, request.selection)
+    secrets = loader.resolve_secrets(pipeline, os.environ)
+    client = docker_executor.connect(request.docker_url)
+    state = loaded.state.ensure()
+    with state.lock(wait=request.wait) as lock, open_store(loaded) as store:
+        docker_executor.sweep_orphans(client, str(state.root), is_alive=lambda run_id: False)
+        upstream = _earlier_outputs(plan, pipeline, store)
+        image_ids = images.resolve_images(pipeline, plan.order, client, state.images_memo, reporter_build(reporter))
+        input_digests = hash_inputs(pipeline, plan.order, store.hash_memo())
+        force = frozenset(plan.order) if request.force is True else frozenset(request.force or ())
+        cache = Cache(state.cache_dir)
+        if request.dry_run:
+            return _predict(pipeline, plan, store, cache, image_ids, input_digests, upstream, force, reporter)
+        run_id = store.begin_run(
+            pipeline=pipeline.display_name,
+            pipeline_path=str(pipeline.path.resolve()),
+            pipeline_hash=hashlib.sha256(pipeline.path.read_bytes()).hexdigest(),
+            trigger=request.trigger,
+            git_commit=_git_commit(pipeline.root),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            params_override=dict(p.partition("=")[::2] for p in request.params),
+        )
+        lock.describe(run_id)
+        reporter.emit(RunStarted(run_id, pipeline.display_name, plan.order))
+        executor = docker_executor.DockerExecutor(client)
+        run_stage = StageRunner(
+            pipeline=pipeline, run_id=run_id, state=state, store=store, cache=cache, executor=executor,
+            reporter=reporter, image_ids=image_ids, input_digests=input_digests, upstream=upstream,
+            secrets=secrets, force=force,
+        )
+        report = parallel.execute(
+            plan.order,
+            {name: pipeline.stages[name].needs for name in plan.order},
+            run_stage,
+            policy=parallel.Policy(
+                jobs=request.jobs or os.cpu_count() or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
+            ),
+            capacity=parallel.host_capacity(),
+            demands={name: parallel.Demand.of(pipeline.resources_of(name)) for name in plan.order},
+            retry={name: parallel.RetryPolicy.of(pipeline.stages[name]) for name in plan.order},
+            cancel=cancel.event,
+            reporter=reporter,
+            on_cancel=executor.stop_all,
+        )
+        for result in report.results.values():
+            if result.status is StageStatus.SKIPPED:
+                store.record_stage(run_id, result, ingredients_json=None, user=None, hermetic=True, gate_passed=None)
+        summary = summarize(run_id, report.results, cancel if report.cancelled and not report.deadline_hit else None)
+        store.finish_run(run_id, summary.status, summary.exit_code)
+        reporter.emit(RunFinished(summary))
+        return summary
+
+
+def summarize(run_id: str, results: dict[str, StageResult], cancel: Cancel | None) -> RunSummary:
+    """The run's status and exit code: the most severe outcome across its stages."""
+    if cancel is not None:
+        return RunSummary(run_id, RunStatus.CANCELLED, results, cancel.exit_code)
+    if any(r.infra_error for r in results.values()):
+        return RunSummary(run_id, RunStatus.FAILED, results, ExitCode.INFRA)
+    if all(r.ok for r in results.values()):
+        return RunSummary(run_id, RunStatus.SUCCEEDED, results, ExitCode.SUCCESS)
+    return RunSummary(run_id, RunStatus.FAILED, results, ExitCode.FAILED)
+
+
+def reporter_build(reporter: Reporter) -> Any:
+    from orchestrator.events import StageOutput
+
+    return lambda stage, line: reporter.emit(StageOutput(f"{stage} (build)", line))
+
+
+def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, Any]:
+    """For `--stage`/`--from`: outputs of upstream stages that this run does not execute, from earlier runs."""
+    from orchestrator.runner import Upstream
+
+    selected = set(plan.order)
+    found: dict[str, Upstream] = {}
+    for name in plan.order:
+        for up in pipeline.stages[name].needs:
+            if up in selected or up in found:
+                continue
+            last = store.last_success(pipeline.display_name, up)
+            if last is None or not last.outputs_path or not last.outputs_digest or not Path(last.outputs_path).is_dir():
+                raise UsageError(
+                    f"stage {name} needs the outputs of {up} from an earlier run, but there are none; "
+                    f"run `pipe run --from {up}` first"
+                )
+            found[up] = Upstream(Path(last.outputs_path), last.outputs_digest)
+    return found
+
+
+def _predict(
+    pipeline: Pipeline, plan: Plan, store: Store, cache: Any, image_ids: dict[str, str],
+    input_digests: dict[str, dict[str, str]], upstream: dict[str, Any], force: frozenset[str], reporter: Reporter,
+) -> RunSummary:
+    """--dry-run: which stages hit the cache and why the others would run; starts nothing, records nothing."""
+    from orchestrator.cache import KEY_VERSION, Ingredients, explain_miss
+
+    digests = {name: up.digest for name, up in upstream.items()}
+    results: dict[str, StageResult] = {}
+    for name in plan.order:
+        stage = pipeline.stages[name]
+        waiting = [up for up in stage.needs if up not in digests]
+        if waiting:
+            reasons = [f"upstream {up} runs first" for up in waiting]
+        else:
+            ingredients = Ingredients(
+                version=KEY_VERSION, image=image_ids[name],
+                command=list(stage.argv()) if stage.argv() is not None else None,
+                entrypoint=list(stage.entrypoint) if stage.entrypoint is not None else None,
+                workdir="/workspace", env=dict(stage.env), params=dict(stage.params),
+                inputs=input_digests[name], upstream={up: digests[up] for up in stage.needs},
+            )
+            lookup = cache.lookup(ingredients.key()) if stage.cache and name not in force else None
+            if lookup is not None and lookup.manifest is not None:
+                digests[name] = lookup.manifest.digest
+                reporter.emit(StagePlanned(name, False, (f"cached from run {lookup.manifest.run_id}",)))
+                results[name] = StageResult(name, StageStatus.CACHED, reason=f"cached from run {lookup.manifest.run_id}")
+                continue
+            previous = store.last_success(pipeline.display_name, name)
+            before = Ingredients.from_json(previous.ingredients_json) if previous and previous.ingredients_json else None
+            reasons = (
+                ["forced"] if name in force else ["cache: false"] if not stage.cache
+                else explain_miss(before, ingredients) or ["outputs not in the cache"]
+            )
+        reporter.emit(StagePlanned(name, True, tuple(reasons)))
+        results[name] = StageResult(name, StageStatus.SKIPPED, reason="would run: " + ", ".join(reasons))
+    return RunSummary("dry-run", RunStatus.SUCCEEDED, results, ExitCode.SUCCESS)
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ---- history --------------------------------------------------------------------------------------------------
+
+
+def latest_run(target: Target) -> tuple[Pipeline, RunInfo | None]:
+    loaded = load(target)
+    with open_store(loaded) as store:
+        return loaded.pipeline, store.latest_run(loaded.pipeline.display_name)
+
+
+def list_runs(target: Target, status: str | None, trigger: str | None, limit: int) -> list[RunInfo]:
+    loaded = load(target)
+    with open_store(loaded) as store:
+        return store.list_runs(loaded.pipeline.display_name, status=status, trigger=trigger, limit=limit)
+
+
+def show_run(target: Target, run: str) -> RunInfo:
+    loaded = load(target)
+    with open_store(loaded) as store:
+        return store.get_run(run, loaded.pipeline.display_name)
+
+
+def log_path(target: Target, run: str, stage: str) -> tuple[RunInfo, Path]:
+    info = show_run(target, run)
+    for s in info.stages:
+        if s.stage == stage and s.log_path:
+            return info, Path(s.log_path)
+    from orchestrator.errors import NotFound
+
+    raise NotFound(f"run {info.id} has no log for stage {stage!r} (it was cached, skipped, or never started)")
+
+
+def metric_history(target: Target, limit: int) -> list[RunInfo]:
+    loaded = load(target)
+    with open_store(loaded) as store:
+        return store.metric_history(loaded.pipeline.display_name, limit)
+
+
+def dag(target: Target, fmt: str) -> str:
+    from orchestrator import plan as plan_mod
+
+    plan = build_plan(load(target).pipeline)
+    render = {"text": plan_mod.to_text, "mermaid": plan_mod.to_mermaid, "dot": plan_mod.to_dot}.get(fmt)
+    if render is None:
+        raise UsageError(f"unknown format {fmt!r}: use text, mermaid or dot")
+    return render(plan)
+
+
+def schema() -> dict[str, Any]:
+    return Pipeline.model_json_schema()
+
+
+def with_reason(result: StageResult, reason: str) -> StageResult:
+    return replace(result, reason=reason)

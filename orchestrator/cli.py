@@ -1,0 +1,228 @@
+"""The `pipe` command: parse arguments, call api, render with console. main() alone turns a PipeError into one
+line on stderr and its exit code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator import api, console
+from orchestrator.errors import ExitCode, PipeError, UsageError
+from orchestrator.plan import Selection
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Run machine-learning pipelines as a DAG of Docker containers, cached by content.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the stage cache.")
+app.add_typer(cache_app, name="cache")
+
+PipelineArg = Annotated[Path, typer.Argument(help="The pipeline file.", show_default=True)]
+StateDirOpt = Annotated[
+    Path | None, typer.Option("--state-dir", envvar="PIPE_STATE_DIR", help="State folder (default: runs/ beside the file).")
+]
+DbOpt = Annotated[str | None, typer.Option("--db", envvar="PIPE_DB", help="SQLAlchemy URL of the history database.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+DEFAULT_FILE = Path("pipeline.yaml")
+
+
+def _target(pipeline: Path, state_dir: Path | None, db: str | None) -> api.Target:
+    return api.Target(pipeline, state_dir, db)
+
+
+@app.command()
+def run(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    stage: Annotated[str | None, typer.Option("--stage", help="Run only this stage.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Run this stage and everything downstream.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Stages at once (default: CPUs).")] = None,
+    keep_going: Annotated[bool, typer.Option("--keep-going", "-k", help="Run what does not depend on a failure.")] = False,
+    force: Annotated[list[str] | None, typer.Option("--force-stage", help="Ignore the cache for this stage.")] = None,
+    force_all: Annotated[bool, typer.Option("--force", help="Ignore the cache for every stage.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Predict hits and misses; start nothing.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for a running run of this pipeline.")] = False,
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Cancel the run after this long (e.g. 2h).")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Override a param: STAGE.KEY=VALUE.")] = None,
+    trigger: Annotated[str, typer.Option("--trigger", hidden=True)] = "manual",
+    plain: Annotated[bool, typer.Option("--plain", help="Plain log lines even on a terminal.")] = False,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the pipeline; stages whose cache key is known are restored, not re-run."""
+    from orchestrator.units import parse_duration
+
+    try:
+        timeout_s = parse_duration(timeout) if timeout else None
+    except ValueError as e:
+        raise UsageError(f"--timeout: {e}") from e
+    request = api.RunRequest(
+        target=_target(pipeline, state_dir, db),
+        selection=Selection(stage=stage, from_stage=from_stage),
+        jobs=jobs, keep_going=keep_going, force=True if force_all else frozenset(force or ()),
+        dry_run=dry_run, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=trigger,
+    )
+    reporter = console.make_reporter(live=False if (plain or json_out) else None)
+    cancel = api.Cancel()
+    restore = _install_signal_handlers(cancel)
+    try:
+        summary = api.run_pipeline(request, reporter, cancel)
+    finally:
+        restore()
+    if json_out:
+        console.print_json({"run_id": summary.run_id, "status": summary.status, "exit_code": int(summary.exit_code),
+                            "stages": {n: console.result_json(r) for n, r in summary.results.items()}})
+    elif dry_run:
+        console.print_plan(summary)
+    else:
+        console.print_summary(summary)
+    raise typer.Exit(int(summary.exit_code))
+
+
+def _install_signal_handlers(cancel: api.Cancel) -> Any:
+    """First SIGINT/SIGTERM: cancel cleanly (containers stopped, outputs discarded). Second: stop waiting."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(signum: int, frame: Any) -> None:
+        if cancel.event.is_set():
+            raise KeyboardInterrupt
+        console.warn("cancelling: stopping running stages (again to force)")
+        cancel.set(ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED)
+
+    for sig in previous:
+        signal.signal(sig, handle)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+@app.command()
+def validate(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    no_images: Annotated[bool, typer.Option("--no-images", help="Skip checking that images exist.")] = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Check the pipeline file (and that its images exist or build) without running anything."""
+    spec = api.validate(_target(pipeline, state_dir, None), check_images=not no_images)
+    typer.echo(f"{pipeline}: ok ({len(spec.stages)} stages)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pipeline.yaml, for editors."""
+    console.print_json(api.schema())
+
+
+@app.command()
+def status(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, db: DbOpt = None,
+           json_out: JsonOpt = False) -> None:
+    """The latest run, one line a stage, and what would run next time and why."""
+    report = api.status(_target(pipeline, state_dir, db))
+    if json_out:
+        console.print_json(console.status_json(report))
+    else:
+        console.print_status(report)
+
+
+@app.command("runs")
+def runs(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    status_filter: Annotated[str | None, typer.Option("--status", help="Only runs with this status.")] = None,
+    trigger: Annotated[str | None, typer.Option("--trigger", help="manual or schedule.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recent runs, newest first."""
+    found = api.list_runs(_target(pipeline, state_dir, db), status_filter, trigger, limit)
+    if json_out:
+        console.print_json([r.to_json() for r in found])
+    else:
+        console.print_runs(found)
+
+
+app.command("history", help="Recent runs, newest first (alias of runs).")(runs)
+
+
+@app.command()
+def show(run_id: Annotated[str, typer.Argument(help="Run id, a prefix of one, or 'latest'.")],
+         pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, db: DbOpt = None,
+         json_out: JsonOpt = False) -> None:
+    """One run in full: stages, artifacts and metrics."""
+    info = api.show_run(_target(pipeline, state_dir, db), run_id)
+    if json_out:
+        console.print_json(info.to_json())
+    else:
+        console.print_run(info)
+
+
+@app.command()
+def logs(
+    run_id: Annotated[str, typer.Argument(help="Run id, a prefix of one, or 'latest'.")],
+    stage: Annotated[str, typer.Argument()],
+    pipeline: PipelineArg = DEFAULT_FILE,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow a running stage.")] = False,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Print a stage's stored log."""
+    target = _target(pipeline, state_dir, db)
+    info, path = api.log_path(target, run_id, stage)
+    with open(path, "rb") as f:
+        sys.stdout.buffer.write(f.read())
+        sys.stdout.flush()
+        while follow and api.stage_running(target, info.id, stage):
+            chunk = f.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.3)
+        sys.stdout.buffer.write(f.read())
+
+
+@app.command()
+def dag(pipeline: PipelineArg = DEFAULT_FILE,
+        fmt: Annotated[str, typer.Option("--format", help="text, mermaid or dot.")] = "text") -> None:
+    """Draw the stage graph."""
+    typer.echo(api.dag(_target(pipeline, None, None), fmt))
+
+
+@app.command()
+def metrics(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    diff: Annotated[bool, typer.Option("--diff", help="Show the change from the previous run.")] = False,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 10,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Metrics of the stages that declare `metrics:`, across runs."""
+    found = api.metric_history(_target(pipeline, state_dir, db), limit)
+    if json_out:
+        console.print_json([{"run_id": r.id, "started_at": r.started_at,
+                             "metrics": {s.stage: s.metrics for s in r.stages if s.metrics}} for r in found])
+    else:
+        console.print_metrics(found, diff)
+
+
+def main() -> None:
+    """Console script entry point: `pipe`."""
+    try:
+        app()
+    except PipeError as e:
+        console.error(str(e))
+        if os.environ.get("PIPE_DEBUG"):
+            raise
+        sys.exit(int(e.exit_code))
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        sys.exit(int(ExitCode.INTERRUPTED))

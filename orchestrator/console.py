@@ -1,0 +1,268 @@
+"""What people and programs see: Reporter implementations (a rich live view on a terminal, plain timestamped
+lines elsewhere), tables for the history commands, and JSON. Knows nothing of Docker, SQL or scheduling."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.events import (
+    Event,
+    RunFinished,
+    RunStarted,
+    StageFinished,
+    StageOutput,
+    StagePlanned,
+    StageRetrying,
+    StageStarted,
+    Warning,
+)
+from orchestrator.results import RunSummary, StageResult, StageStatus
+from orchestrator.store.records import RunInfo, StageRunInfo
+from orchestrator.units import format_bytes, format_duration
+
+STYLE = {
+    "succeeded": "green", "cached": "cyan", "failed": "bold red", "skipped": "yellow", "cancelled": "magenta",
+    "running": "blue", "queued": "dim", "interrupted": "magenta",
+}
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    _err.print(Text(f"error: {message}", style="bold red" if _err.is_terminal else ""))
+
+
+def warn(message: str) -> None:
+    _err.print(Text(f"warning: {message}", style="yellow" if _err.is_terminal else ""))
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def make_reporter(stream: TextIO | None = None, live: bool | None = None) -> PlainReporter | LiveReporter:
+    """A live view on a terminal; plain timestamped lines (no control codes) under cron and CI."""
+    stream = stream or sys.stdout
+    if live is None:
+        live = stream.isatty()
+    return LiveReporter() if live else PlainReporter(stream)
+
+
+class PlainReporter:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def _line(self, text: str) -> None:
+        stamp = datetime.now(UTC).astimezone().strftime("%H:%M:%S")
+        with self._lock:
+            self._stream.write(f"{stamp} {text}\n")
+            self._stream.flush()
+
+    def emit(self, event: Event) -> None:
+        match event:
+            case RunStarted(run_id=run_id, pipeline=name, stages=stages):
+                self._line(f"run {run_id} of {name}: {len(stages)} stage(s)")
+            case StagePlanned(stage=stage, will_run=True, reasons=reasons):
+                self._line(f"{stage}: runs: {', '.join(reasons)}")
+            case StageOutput(stage=stage, line=line):
+                self._line(f"{stage} | {line.rstrip()}")
+            case StageRetrying(stage=stage, attempt=attempt, reason=reason, delay_s=delay):
+                self._line(f"{stage}: attempt {attempt - 1} failed ({reason}); retrying in {delay:.1f}s")
+            case StageFinished(result=result):
+                self._line(describe_result(result))
+            case RunFinished(summary=summary):
+                self._line(f"run {summary.run_id} {summary.status} (exit {int(summary.exit_code)})")
+            case Warning(message=message):
+                self._line(f"warning: {message}")
+
+
+def describe_result(result: StageResult) -> str:
+    took = f" in {format_duration(result.duration_s)}" if result.duration_s is not None else ""
+    reason = f": {result.reason}" if result.reason else ""
+    if result.status is StageStatus.SUCCEEDED:
+        reason = ""  # the reasons it ran were printed when it started
+    return f"{result.stage}: {result.status}{reason}{took}"
+
+
+@dataclass
+class _Row:
+    status: str = "queued"
+    reason: str = ""
+    started: float | None = None
+    took: float | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=3))
+
+
+class LiveReporter:
+    """Stages queued, running (elapsed), cached, done, failed, and the tail of the running stages' logs."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Row] = {}
+        self._lock = threading.Lock()
+        self._console = Console()
+        self._live: Live | None = None
+        self._title = ""
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            match event:
+                case RunStarted(run_id=run_id, pipeline=name, stages=stages):
+                    self._title = f"run {run_id} of {name}"
+                    self._rows = {s: _Row() for s in stages}
+                    self._live = Live(get_renderable=self._render, console=self._console, refresh_per_second=4)
+                    self._live.start()
+                case StagePlanned(stage=stage, will_run=will_run, reasons=reasons):
+                    if stage not in self._rows:  # dry run: no RunStarted
+                        self._console.print(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}")
+                    elif will_run:
+                        self._rows[stage].reason = ", ".join(reasons)
+                case StageStarted(stage=stage):
+                    row = self._rows.setdefault(stage, _Row())
+                    row.status, row.started = "running", time.monotonic()
+                case StageOutput(stage=stage, line=line):
+                    if stage in self._rows:
+                        self._rows[stage].tail.append(line.rstrip()[:160])
+                    else:
+                        self._console.print(Text(f"{stage} | {line.rstrip()}", style="dim"))
+                case StageRetrying(stage=stage, attempt=attempt, reason=reason):
+                    self._rows[stage].reason = f"retry {attempt}: {reason}"
+                case StageFinished(result=result):
+                    row = self._rows.setdefault(result.stage, _Row())
+                    row.status, row.took = result.status.value, result.duration_s
+                    if result.status is not StageStatus.SUCCEEDED:
+                        row.reason = result.reason
+                    row.tail.clear()
+                case RunFinished():
+                    if self._live is not None:
+                        self._live.stop()
+                        self._live = None
+                case Warning(message=message):
+                    self._console.print(Text(f"warning: {message}", style="yellow"))
+
+    def _render(self) -> Group:
+        table = Table(title=self._title, title_justify="left", expand=False, box=None, padding=(0, 1))
+        for col in ("stage", "status", "time", "why"):
+            table.add_column(col)
+        tails: list[Text] = []
+        now = time.monotonic()
+        with self._lock:
+            for name, row in self._rows.items():
+                took = row.took if row.took is not None else (now - row.started if row.started else None)
+                table.add_row(
+                    name, Text(row.status, style=STYLE.get(row.status, "")),
+                    format_duration(took) if took is not None else "", row.reason[:80],
+                )
+                tails += [Text(f"  {name} | {line}", style="dim") for line in row.tail]
+        return Group(table, *tails)
+
+
+# ---- history views ----------------------------------------------------------------------------------------------
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, padding=(0, 1), show_edge=False)
+    for col in columns:
+        table.add_column(col)
+    return table
+
+
+def _ago(at: datetime | None) -> str:
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else ""
+
+
+def _dur(seconds: float | None) -> str:
+    return format_duration(seconds) if seconds is not None else ""
+
+
+def print_summary(summary: RunSummary) -> None:
+    table = _table("stage", "status", "time", "reason")
+    for result in summary.results.values():
+        table.add_row(
+            result.stage, Text(result.status.value, style=STYLE.get(result.status.value, "")),
+            _dur(result.duration_s), result.reason,
+        )
+    Console().print(table)
+
+
+def print_stages(stages: tuple[StageRunInfo, ...], title: str) -> None:
+    table = _table("stage", "status", "time", "peak mem", "cpu", "exit", "reason")
+    for s in stages:
+        table.add_row(
+            s.stage, Text(s.status, style=STYLE.get(s.status, "")), _dur(s.duration_s),
+            format_bytes(s.peak_memory_bytes) if s.peak_memory_bytes else "",
+            _dur(s.cpu_seconds), "" if s.exit_code is None else str(s.exit_code), s.reason or "",
+        )
+    console = Console()
+    console.print(Text(title, style="bold"))
+    console.print(table)
+
+
+def run_title(run: RunInfo) -> str:
+    took = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else None
+    return f"run {run.id} ({run.trigger}) {run.status} {_ago(run.started_at)} {_dur(took)}".rstrip()
+
+
+def print_runs(runs: list[RunInfo]) -> None:
+    table = _table("run", "status", "trigger", "started", "took", "stages")
+    for run in runs:
+        took = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else None
+        counts: dict[str, int] = {}
+        for s in run.stages:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        table.add_row(
+            run.id, Text(run.status, style=STYLE.get(run.status, "")), run.trigger, _ago(run.started_at),
+            _dur(took), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+        )
+    Console().print(table)
+
+
+def print_run(run: RunInfo) -> None:
+    print_stages(run.stages, run_title(run))
+    console = Console()
+    for s in run.stages:
+        if s.artifacts:
+            console.print(Text(f"{s.stage} outputs ({s.outputs_path}):", style="bold"))
+            for a in s.artifacts:
+                console.print(f"  {a.path}  {format_bytes(a.size)}  {a.digest[:12]}")
+        if s.metrics:
+            console.print(Text(f"{s.stage} metrics:", style="bold"))
+            for key, value in sorted(s.metrics.items()):
+                console.print(f"  {key} = {value:.6g}")
+
+
+def print_metrics(runs: list[RunInfo], diff: bool) -> None:
+    keys = sorted({f"{s.stage}.{k}" for run in runs for s in run.stages for k in s.metrics})
+    table = _table("run", *keys)
+    rows = list(reversed(runs))  # oldest first, so a diff reads top to bottom
+    previous: dict[str, float] = {}
+    for run in rows:
+        values = {f"{s.stage}.{k}": v for s in run.stages for k, v in s.metrics.items()}
+        cells = []
+        for key in keys:
+            if key not in values:
+                cells.append("")
+            elif diff and key in previous:
+                cells.append(f"{values[key]:.4g} ({values[key] - previous[key]:+.4g})")
+            else:
+                cells.append(f"{values[key]:.4g}")
+        previous.update(values)
+        table.add_row(run.id, *cells)
+    Console().print(table)
+
+
+def print_plan(predicted: RunSummary) -> None:
+    for result in predicted.results.values():
+        status = "cached" if result.status is StageStatus.CACHED else "runs"
+        Console().print(f"{result.stage}: {status}: {result.reason.removeprefix('would run: ')}")
