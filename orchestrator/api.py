@@ -14,7 +14,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ def validate(target: Target, check_images: bool = True, docker_url: str | None =
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None) -> RunSummary:
     from orchestrator import docker_executor, images, parallel
     from orchestrator.cache import Cache
-    from orchestrator.runner import StageRunner, Upstream, hash_inputs
+    from orchestrator.runner import StageRunner, hash_inputs, predict
 
     cancel = cancel or Cancel()
     loaded = load(request.target)
@@ -154,7 +154,10 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         force = frozenset(plan.order) if request.force is True else frozenset(request.force or ())
         cache = Cache(state.cache_dir)
         if request.dry_run:
-            return _predict(pipeline, plan, store, cache, image_ids, input_digests, upstream, force, reporter)
+            predictions = predict(pipeline, plan.order, store, cache, image_ids, input_digests, upstream, force)
+            for p in predictions:
+                reporter.emit(StagePlanned(p.stage, p.will_run, p.reasons))
+            return _predicted_summary(predictions)
         run_id = store.begin_run(
             pipeline=pipeline.display_name,
             pipeline_path=str(pipeline.path.resolve()),
@@ -233,45 +236,6 @@ def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, 
     return found
 
 
-def _predict(
-    pipeline: Pipeline, plan: Plan, store: Store, cache: Any, image_ids: dict[str, str],
-    input_digests: dict[str, dict[str, str]], upstream: dict[str, Any], force: frozenset[str], reporter: Reporter,
-) -> RunSummary:
-    """--dry-run: which stages hit the cache and why the others would run; starts nothing, records nothing."""
-    from orchestrator.cache import KEY_VERSION, Ingredients, explain_miss
-
-    digests = {name: up.digest for name, up in upstream.items()}
-    results: dict[str, StageResult] = {}
-    for name in plan.order:
-        stage = pipeline.stages[name]
-        waiting = [up for up in stage.needs if up not in digests]
-        if waiting:
-            reasons = [f"upstream {up} runs first" for up in waiting]
-        else:
-            ingredients = Ingredients(
-                version=KEY_VERSION, image=image_ids[name],
-                command=list(stage.argv()) if stage.argv() is not None else None,
-                entrypoint=list(stage.entrypoint) if stage.entrypoint is not None else None,
-                workdir="/workspace", env=dict(stage.env), params=dict(stage.params),
-                inputs=input_digests[name], upstream={up: digests[up] for up in stage.needs},
-            )
-            lookup = cache.lookup(ingredients.key()) if stage.cache and name not in force else None
-            if lookup is not None and lookup.manifest is not None:
-                digests[name] = lookup.manifest.digest
-                reporter.emit(StagePlanned(name, False, (f"cached from run {lookup.manifest.run_id}",)))
-                results[name] = StageResult(name, StageStatus.CACHED, reason=f"cached from run {lookup.manifest.run_id}")
-                continue
-            previous = store.last_success(pipeline.display_name, name)
-            before = Ingredients.from_json(previous.ingredients_json) if previous and previous.ingredients_json else None
-            reasons = (
-                ["forced"] if name in force else ["cache: false"] if not stage.cache
-                else explain_miss(before, ingredients) or ["outputs not in the cache"]
-            )
-        reporter.emit(StagePlanned(name, True, tuple(reasons)))
-        results[name] = StageResult(name, StageStatus.SKIPPED, reason="would run: " + ", ".join(reasons))
-    return RunSummary("dry-run", RunStatus.SUCCEEDED, results, ExitCode.SUCCESS)
-
-
 def _git_commit(folder: Path) -> str | None:
     try:
         out = subprocess.run(
@@ -333,5 +297,70 @@ def schema() -> dict[str, Any]:
     return Pipeline.model_json_schema()
 
 
-def with_reason(result: StageResult, reason: str) -> StageResult:
-    return replace(result, reason=reason)
+def _predicted_summary(predictions: list[Any]) -> RunSummary:
+    results = {
+        p.stage: StageResult(p.stage, StageStatus.SKIPPED if p.will_run else StageStatus.CACHED,
+                             reason=("would run: " if p.will_run else "") + ", ".join(p.reasons))
+        for p in predictions
+    }
+    return RunSummary("dry-run", RunStatus.SUCCEEDED, results, ExitCode.SUCCESS)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    pipeline: Pipeline
+    run: RunInfo | None
+    next_run: list[Any]  # runner.Prediction, in plan order
+
+
+def status(target: Target) -> StatusReport:
+    """The latest run and what would run next time and why. Needs no engine: image ids are the ones the latest
+    run used (a rebuilt image is found by `pipe run --dry-run`)."""
+    from orchestrator.cache import Cache
+    from orchestrator.runner import hash_inputs, predict
+
+    loaded = load(target)
+    pipeline = loaded.pipeline
+    plan = build_plan(pipeline)
+    with open_store(loaded) as store:
+        run = store.latest_run(pipeline.display_name)
+        image_ids: dict[str, str | None] = {}
+        for name in plan.order:
+            last = store.last_success(pipeline.display_name, name)
+            image_ids[name] = last.image_id if last else None
+        inputs = hash_inputs(pipeline, plan.order, store.hash_memo())
+        predictions = predict(pipeline, plan.order, store, Cache(loaded.state.cache_dir), image_ids, inputs, {},
+                              frozenset())
+    return StatusReport(pipeline, run, predictions)
+
+
+def stage_running(target: Target, run_id: str, stage: str) -> bool:
+    info = show_run(target, run_id)
+    return info.status == RunStatus.RUNNING and any(s.stage == stage and s.status == "running" for s in info.stages)
+
+
+# ---- cache ------------------------------------------------------------------------------------------------------
+
+
+def cache_entries(target: Target) -> list[Any]:
+    from orchestrator.cache import Cache
+
+    return sorted(Cache(load(target).state.cache_dir).entries(), key=lambda m: m.created_at, reverse=True)
+
+
+def cache_verify(target: Target) -> list[str]:
+    from orchestrator.cache import Cache
+
+    return Cache(load(target).state.cache_dir).verify()
+
+
+def cache_gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool) -> Any:
+    """Remove cache entries that no run among the last `keep_runs` (or the last `keep_days`) references."""
+    from orchestrator.cache import Cache
+
+    if keep_runs is None and keep_days is None:
+        raise UsageError("say what to keep: --keep-runs N and/or --keep-days D")
+    loaded = load(target)
+    with open_store(loaded) as store:
+        keep = store.referenced_cache_keys(keep_runs=keep_runs, keep_days=keep_days)
+    return Cache(loaded.state.cache_dir).gc(keep, dry_run=dry_run)

@@ -214,6 +214,40 @@ def metrics(
         console.print_metrics(found, diff)
 
 
+@cache_app.command("ls")
+def cache_ls(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, json_out: JsonOpt = False) -> None:
+    """List cache entries, newest first."""
+    entries = api.cache_entries(_target(pipeline, state_dir, None))
+    if json_out:
+        console.print_json([console.manifest_json(m) for m in entries])
+    else:
+        console.print_cache(entries)
+
+
+@cache_app.command("verify")
+def cache_verify(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None) -> None:
+    """Re-hash every blob; report damaged entries (a damaged entry is a miss: the stage re-runs)."""
+    problems = api.cache_verify(_target(pipeline, state_dir, None))
+    for problem in problems:
+        console.warn(problem)
+    typer.echo(f"{len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    keep_runs: Annotated[int | None, typer.Option("--keep-runs", min=0, help="Keep what the last N runs use.")] = None,
+    keep_days: Annotated[float | None, typer.Option("--keep-days", min=0, help="Keep what the last D days use.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed.")] = False,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Remove cache entries that no recent run references."""
+    report = api.cache_gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run)
+    typer.echo(console.describe_gc(report, dry_run))
+
+
 def main() -> None:
     """Console script entry point: `pipe`."""
     try:

@@ -266,3 +266,39 @@ def print_plan(predicted: RunSummary) -> None:
     for result in predicted.results.values():
         status = "cached" if result.status is StageStatus.CACHED else "runs"
         Console().print(f"{result.stage}: {status}: {result.reason.removeprefix('would run: ')}")
+
+
+def result_json(result: StageResult) -> dict[str, Any]:
+    return {
+        "status": result.status.value, "reason": result.reason, "exit_code": result.exit_code,
+        "attempts": result.attempts, "duration_s": result.duration_s, "cache_key": result.cache_key,
+        "cached_from": result.cached_from, "outputs_path": result.outputs_path, "metrics": result.metrics,
+    }
+
+
+def status_json(report: Any) -> dict[str, Any]:
+    """Stable keys, documented in README: pipeline, run (or null), stages, next_run."""
+    run: RunInfo | None = report.run
+    return {
+        "pipeline": report.pipeline.display_name,
+        "run": run.to_json() if run else None,
+        "stages": {
+            s.stage: {"status": s.status, "reason": s.reason, "exit_code": s.exit_code, "duration_s": s.duration_s,
+                      "outputs_path": s.outputs_path, "cached_from": s.cached_from}
+            for s in (run.stages if run else ())
+        },
+        "next_run": {p.stage: {"runs": p.will_run, "reasons": list(p.reasons)} for p in report.next_run},
+    }
+
+
+def print_status(report: Any) -> None:
+    console = Console()
+    run: RunInfo | None = report.run
+    if run is None:
+        console.print(f"{report.pipeline.display_name}: no runs yet")
+    else:
+        print_stages(run.stages, run_title(run))
+    console.print(Text("next run:", style="bold"))
+    for p in report.next_run:
+        what = Text("runs", style="yellow") if p.will_run else Text("cached", style="cyan")
+        console.print(Text(f"  {p.stage}: ").append(what).append(f": {', '.join(p.reasons)}"))

@@ -84,20 +84,9 @@ class StageRunner:
         self._lock = threading.Lock()
 
     def ingredients(self, name: str) -> Ingredients:
-        stage = self.pipeline.stages[name]
         with self._lock:
-            upstream = {up: self._upstream[up].digest for up in stage.needs}
-        return Ingredients(
-            version=KEY_VERSION,
-            image=self.image_ids[name],
-            command=list(stage.argv()) if stage.argv() is not None else None,
-            entrypoint=list(stage.entrypoint) if stage.entrypoint is not None else None,
-            workdir=WORKDIR,
-            env=dict(stage.env),
-            params=dict(stage.params),
-            inputs=dict(self.input_digests[name]),
-            upstream=upstream,
-        )
+            upstream = {up: self._upstream[up].digest for up in self.pipeline.stages[name].needs}
+        return ingredients_for(self.pipeline, name, self.image_ids[name], self.input_digests[name], upstream)
 
     def __call__(self, name: str, attempt: int) -> StageResult:
         stage = self.pipeline.stages[name]
@@ -143,13 +132,7 @@ class StageRunner:
         return self._record(final, ingredients, ", ".join(reasons))
 
     def _miss_reasons(self, name: str, ingredients: Ingredients) -> list[str]:
-        if name in self.force:
-            return ["forced"]
-        if not self.pipeline.stages[name].cache:
-            return ["cache: false"]
-        previous = self.store.last_success(self.pipeline.display_name, name)
-        before = Ingredients.from_json(previous.ingredients_json) if previous and previous.ingredients_json else None
-        return explain_miss(before, ingredients) or ["outputs not in the cache"]
+        return miss_reasons(self.pipeline, name, ingredients, self.store, self.force)
 
     def _prepare(self, name: str, out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)  # a retry starts from an empty /outputs
@@ -279,3 +262,77 @@ def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo) -> 
                 digests[rel] = hash_tree(pipeline.root / rel, memo).digest
     memo.flush()
     return {name: {rel: digests[rel] for rel in pipeline.stages[name].inputs} for name in stages}
+
+
+def ingredients_for(
+    pipeline: Pipeline, name: str, image_id: str, inputs: Mapping[str, str], upstream: Mapping[str, str]
+) -> Ingredients:
+    """What a stage's cache key is made of (cache.py documents the recipe)."""
+    stage = pipeline.stages[name]
+    argv = stage.argv()
+    return Ingredients(
+        version=KEY_VERSION,
+        image=image_id,
+        command=list(argv) if argv is not None else None,
+        entrypoint=list(stage.entrypoint) if stage.entrypoint is not None else None,
+        workdir=WORKDIR,
+        env=dict(stage.env),
+        params=dict(stage.params),
+        inputs=dict(inputs),
+        upstream=dict(upstream),
+    )
+
+
+def miss_reasons(pipeline: Pipeline, name: str, ingredients: Ingredients, store: Store, force: frozenset[str]) -> list[str]:
+    """Why a stage runs: forced, uncached, or each ingredient changed since its last successful run."""
+    if name in force:
+        return ["forced"]
+    if not pipeline.stages[name].cache:
+        return ["cache: false"]
+    previous = store.last_success(pipeline.display_name, name)
+    before = Ingredients.from_json(previous.ingredients_json) if previous and previous.ingredients_json else None
+    return explain_miss(before, ingredients) or ["outputs not in the cache"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    stage: str
+    will_run: bool
+    reasons: tuple[str, ...]
+
+
+def predict(
+    pipeline: Pipeline,
+    order: tuple[str, ...],
+    store: Store,
+    cache: Cache,
+    image_ids: Mapping[str, str | None],
+    input_digests: Mapping[str, dict[str, str]],
+    upstream: Mapping[str, Upstream],
+    force: frozenset[str],
+) -> list[Prediction]:
+    """Which stages would hit the cache and why the others would run; starts nothing, records nothing.
+    A stage below one that runs is predicted to run: its upstream outputs are not known until then."""
+    digests = {name: up.digest for name, up in upstream.items()}
+    predictions = []
+    for name in order:
+        waiting = [up for up in pipeline.stages[name].needs if up not in digests]
+        image_id = image_ids.get(name)
+        if waiting:
+            reasons = [f"upstream {up} runs first" for up in waiting]
+        elif image_id is None:
+            reasons = ["image not built yet"]
+        else:
+            ingredients = ingredients_for(
+                pipeline, name, image_id, input_digests[name], {up: digests[up] for up in pipeline.stages[name].needs}
+            )
+            manifest = None
+            if pipeline.stages[name].cache and name not in force:
+                manifest = cache.lookup(ingredients.key()).manifest
+            if manifest is not None:
+                digests[name] = manifest.digest
+                predictions.append(Prediction(name, False, (f"cached from run {manifest.run_id}",)))
+                continue
+            reasons = miss_reasons(pipeline, name, ingredients, store, force)
+        predictions.append(Prediction(name, True, tuple(reasons)))
+    return predictions

@@ -1,0 +1,5 @@
+"""`python -m orchestrator` is `pipe`."""
+
+from orchestrator.cli import main
+
+main()
