@@ -1,0 +1,131 @@
+"""Opens the history database: SQLite (a private file in WAL mode) or PostgreSQL, migrated to SCHEMA_VERSION.
+
+Every SQLAlchemy or OS error met while opening becomes a StoreError naming the database. Knows no tables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from orchestrator.errors import StoreError
+from orchestrator.store import migrations
+from orchestrator.store.migrations import SCHEMA_VERSION
+
+BUSY_TIMEOUT_MS = 10_000
+WRITE = "pipe_write"  # execution option: this engine's transactions will write (SQLite: BEGIN IMMEDIATE)
+SUPPORTED = ("sqlite", "postgresql")
+_MIGRATION_LOCK = 0x70697065  # "pipe": a PostgreSQL advisory lock so two first opens do not both migrate
+
+
+def describe(url: str | URL) -> str:
+    """How messages name the database: the file for SQLite, the URL without its password otherwise."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)
+
+
+def open_engine(url: str) -> Engine:
+    """An engine on `url` whose schema is at SCHEMA_VERSION; creates or upgrades the database as needed.
+
+    Raises StoreError when the URL is unusable, the database cannot be opened, is not pipe's, or comes from a
+    newer pipe. The engine's transactions only read; use `engine.execution_options(pipe_write=True)` to write.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise StoreError(f"database URL {url!r} is not a valid SQLAlchemy URL: {e}") from e
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED:
+        raise StoreError(f"database {describe(parsed)} uses {backend}; pipe supports sqlite and postgresql")
+    name = describe(parsed)
+    try:
+        engine = _sqlite_engine(parsed) if backend == "sqlite" else create_engine(parsed, pool_pre_ping=True)
+    except OSError as e:
+        raise StoreError(f"database {name} cannot be created: {e.strerror}: {e.filename}") from e
+    except ImportError as e:
+        raise StoreError(f"database {name} needs a driver that is not installed: {e}; pip install it") from e
+    except SQLAlchemyError as e:
+        raise StoreError(f"database {name} cannot be opened: {one_line(e)}") from e
+    try:
+        _ensure_schema(engine, name)
+    except SQLAlchemyError as e:
+        engine.dispose()
+        raise StoreError(f"database {name} cannot be opened: {one_line(e)}") from e
+    except StoreError:
+        engine.dispose()
+        raise
+    return engine
+
+
+def one_line(error: SQLAlchemyError) -> str:
+    """The driver's own message, without SQLAlchemy's multi-line SQL and background link."""
+    orig = getattr(error, "orig", None)
+    return " ".join(str(orig if orig is not None else error).split())
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        _create_private_file(Path(url.database))
+    engine = create_engine(url)
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file 0600 (and its folder 0700) if missing; SQLite gives -wal/-shm the same mode."""
+    if path.exists():
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass  # another process created it first
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transactions out of pysqlite's hands (it would BEGIN lazily, and never IMMEDIATE): _sqlite_begin
+    # emits them. See the SQLAlchemy docs, "Serializable isolation / Savepoints / Transactional DDL".
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in (f"busy_timeout={BUSY_TIMEOUT_MS}",  # first, so that switching to WAL waits too
+                   "journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A writer takes the write lock up front: a deferred transaction that reads and then writes fails at once
+    # with SQLITE_BUSY (no busy wait) when another process committed in between. Readers never block in WAL.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+
+
+def _ensure_schema(engine: Engine, name: str) -> None:
+    with engine.connect() as conn:
+        version = migrations.current_version(conn)
+    _check_version(version, name)
+    if version == SCHEMA_VERSION:
+        return
+    with engine.execution_options(**{WRITE: True}).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        version = migrations.current_version(conn)  # again, under the lock: another process may have won
+        _check_version(version, name)
+        if version is not None and version < SCHEMA_VERSION:
+            migrations.upgrade(conn, version)
+
+
+def _check_version(version: int | None, name: str) -> None:
+    if version is None:
+        raise StoreError(f"database {name} holds tables but no schema_version; it is not a pipe database")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"database {name} has schema v{version} but this pipe knows v{SCHEMA_VERSION}; upgrade pipe")

@@ -1,0 +1,91 @@
+"""The database-backed HashMemo: a file's content hash remembered against its stat key.
+
+Reads the whole `file_hash` table once, on first use, into a dict; buffers puts and writes them in one
+transaction at flush. Knows nothing of how files are hashed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
+
+from orchestrator.store.models import FileHashRow
+
+StatKey = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns), as in orchestrator.hashing
+FLUSH_CHUNK = 500  # rows per INSERT statement; SQLite caps the variables of one statement
+
+_INT64 = 1 << 63
+
+
+def _signed(value: int) -> int:
+    """The signed 64-bit integer with the same bits: st_dev and st_ino are unsigned and may exceed 2**63."""
+    return value - (1 << 64) if value >= _INT64 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+class SqlHashMemo:
+    """Implements orchestrator.hashing.HashMemo; safe to call from the threads that hash files in parallel."""
+
+    def __init__(self, read: Callable[[], AbstractContextManager[Session]],
+                 write: Callable[[], AbstractContextManager[Session]]) -> None:
+        self._read, self._write = read, write
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[StatKey, str]] | None = None
+        self._pending: dict[str, tuple[StatKey, str]] = {}
+
+    def get(self, path: str, key: StatKey) -> str | None:
+        with self._lock:
+            known = self._load()
+            entry = self._pending.get(path) or known.get(path)
+        return entry[1] if entry is not None and entry[0] == key else None
+
+    def put(self, path: str, key: StatKey, digest: str) -> None:
+        with self._lock:
+            self._pending[path] = (key, digest)
+
+    def flush(self) -> None:
+        """Write the buffered puts in one transaction (an upsert per path); a no-op when there are none."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            if not pending:
+                return
+            try:
+                items = list(pending.items())
+                with self._write() as session:
+                    for start in range(0, len(items), FLUSH_CHUNK):
+                        session.execute(_upsert(session, items[start:start + FLUSH_CHUNK]))
+            except BaseException:
+                self._pending = {**pending, **self._pending}
+                raise
+            if self._known is not None:
+                self._known.update(pending)
+
+    def _load(self) -> dict[str, tuple[StatKey, str]]:
+        if self._known is None:
+            with self._read() as session:
+                rows = session.execute(select(FileHashRow.path, FileHashRow.dev, FileHashRow.ino,
+                                              FileHashRow.size, FileHashRow.mtime_ns, FileHashRow.digest))
+                self._known = {path: ((_unsigned(dev), _unsigned(ino), size, mtime_ns), digest)
+                               for path, dev, ino, size, mtime_ns, digest in rows}
+        return self._known
+
+
+def _upsert(session: Session, chunk: list[tuple[str, tuple[StatKey, str]]]) -> Executable:
+    """INSERT ... ON CONFLICT (path) DO UPDATE, which both SQLite and PostgreSQL (db.SUPPORTED) spell alike."""
+    rows = [{"path": path, "dev": _signed(key[0]), "ino": _signed(key[1]), "size": key[2],
+             "mtime_ns": key[3], "digest": digest} for path, (key, digest) in chunk]
+    columns = ("dev", "ino", "size", "mtime_ns", "digest")
+    if session.get_bind().dialect.name == "postgresql":
+        pg = postgresql.insert(FileHashRow).values(rows)
+        return pg.on_conflict_do_update(index_elements=["path"], set_={c: pg.excluded[c] for c in columns})
+    lite = sqlite.insert(FileHashRow).values(rows)
+    return lite.on_conflict_do_update(index_elements=["path"], set_={c: lite.excluded[c] for c in columns})

@@ -1,0 +1,161 @@
+"""The frozen values the history store returns, and their stable `--json` form.
+
+Plain dataclasses: no SQLAlchemy here, so commands and the console can import them cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from orchestrator.results import Artifact, RunStatus, StageStatus
+
+Trigger = Literal["manual", "schedule"]
+TRIGGERS: tuple[Trigger, ...] = ("manual", "schedule")
+TickAction = Literal["fired", "skipped", "coalesced"]
+TICK_ACTIONS: tuple[TickAction, ...] = ("fired", "skipped", "coalesced")
+RUNNING = "running"  # what --json shows for a stage whose status is still None
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds and a `Z`, the one time format of --json."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class StageRunInfo:
+    """One stage of one run as recorded; `status` is None while the stage is still running."""
+
+    stage: str
+    status: StageStatus | None
+    reason: str
+    exit_code: int | None
+    attempts: int
+    infra_error: bool
+    cache_key: str | None
+    cached_from: str | None
+    image_id: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    peak_memory_bytes: int | None
+    cpu_seconds: float | None
+    log_path: str | None
+    outputs_path: str | None
+    outputs_digest: str | None
+    user: str | None
+    hermetic: bool
+    ingredients_json: str | None  # the cache key's ingredients (secrets only as hashes), for explaining misses
+    artifacts: tuple[Artifact, ...]
+    metrics: dict[str, float]
+    gate_passed: bool | None  # None: the stage has no gate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "status": str(self.status) if self.status is not None else RUNNING,
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "attempts": self.attempts,
+            "infra_error": self.infra_error,
+            "cache_key": self.cache_key,
+            "cached_from": self.cached_from,
+            "image_id": self.image_id,
+            "started_at": iso_utc(self.started_at),
+            "finished_at": iso_utc(self.finished_at),
+            "duration_s": self.duration_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "cpu_seconds": self.cpu_seconds,
+            "log_path": self.log_path,
+            "outputs_path": self.outputs_path,
+            "outputs_digest": self.outputs_digest,
+            "user": self.user,
+            "hermetic": self.hermetic,
+            "ingredients": json.loads(self.ingredients_json) if self.ingredients_json else None,
+            "artifacts": [{"path": a.path, "size": a.size, "digest": a.digest} for a in self.artifacts],
+            "metrics": dict(sorted(self.metrics.items())),
+            "gate_passed": self.gate_passed,
+        }
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run; `stages` is empty when the run was listed without its stages (`list_runs`)."""
+
+    id: str
+    pipeline: str
+    pipeline_path: str
+    pipeline_hash: str
+    trigger: Trigger
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    git_commit: str | None
+    host: str
+    pid: int
+    exit_code: int | None
+    params_override: dict[str, Any]
+    stages: tuple[StageRunInfo, ...]
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def stage(self, name: str) -> StageRunInfo | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pipeline": self.pipeline,
+            "pipeline_path": self.pipeline_path,
+            "pipeline_hash": self.pipeline_hash,
+            "trigger": self.trigger,
+            "status": str(self.status),
+            "started_at": iso_utc(self.started_at),
+            "finished_at": iso_utc(self.finished_at),
+            "duration_s": self.duration_s,
+            "git_commit": self.git_commit,
+            "host": self.host,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "params_override": self.params_override,
+            "stages": [s.to_json() for s in self.stages],
+        }
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One number a stage's metrics.json reported in one run."""
+
+    run_id: str
+    started_at: datetime
+    stage: str
+    name: str
+    value: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "started_at": iso_utc(self.started_at), "stage": self.stage,
+                "name": self.name, "value": self.value}
+
+
+@dataclass(frozen=True)
+class TickInfo:
+    """What the scheduler did with one due tick: fired a run, or skipped/coalesced it and why."""
+
+    pipeline: str
+    due_at: datetime
+    action: TickAction
+    reason: str
+    run_id: str | None
+    recorded_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline, "due_at": iso_utc(self.due_at), "action": self.action,
+                "reason": self.reason, "run_id": self.run_id, "recorded_at": iso_utc(self.recorded_at)}

@@ -1,0 +1,317 @@
+"""The run history API: records runs, stages, metrics and scheduler ticks, and answers what the commands ask.
+
+Takes and returns pipe's own values (`results`, `records`); each call is one short transaction, so concurrent
+`pipe` processes interleave safely. Knows nothing of Docker, the cache layout or the terminal.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self, cast
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.sql import Select
+
+from orchestrator.errors import NotFound, StoreError
+from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
+from orchestrator.store.db import WRITE, describe, one_line, open_engine
+from orchestrator.store.hashmemo import SqlHashMemo
+from orchestrator.store.models import ArtifactRow, MetricRow, RunRow, StageRunRow, TickRow
+from orchestrator.store.records import (
+    TICK_ACTIONS,
+    TRIGGERS,
+    MetricPoint,
+    RunInfo,
+    StageRunInfo,
+    TickAction,
+    TickInfo,
+    Trigger,
+)
+
+LATEST = "latest"
+_WITH_DETAILS = (selectinload(StageRunRow.artifacts), selectinload(StageRunRow.metrics))
+_WITH_STAGES = (selectinload(RunRow.stages).selectinload(StageRunRow.artifacts),
+                selectinload(RunRow.stages).selectinload(StageRunRow.metrics))
+
+
+def new_run_id(moment: datetime) -> str:
+    """Sortable by start time to the second, unique by 4 random hex digits: "20261121-235959-ab12"."""
+    return f"{moment.astimezone(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Store:
+    """The history database at `url` (SQLite file or PostgreSQL), opened and migrated on construction."""
+
+    def __init__(self, url: str) -> None:
+        self._name = describe(url)
+        self._engine = open_engine(url)
+        self._writer = self._engine.execution_options(**{WRITE: True})
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    # --- recording a run -----------------------------------------------------------------------------------
+
+    def begin_run(self, pipeline: str, pipeline_path: str, pipeline_hash: str, trigger: Trigger,
+                  git_commit: str | None, host: str, pid: int, params_override: dict[str, Any]) -> str:
+        """Record a new run as running and return its id."""
+        if trigger not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {TRIGGERS}, not {trigger!r}")
+        started_at = _now()
+        with self._write() as session:
+            run_id = new_run_id(started_at)
+            while session.get(RunRow, run_id) is not None:  # two runs in one second drew the same suffix
+                run_id = new_run_id(started_at)
+            session.add(RunRow(
+                id=run_id, pipeline=pipeline, pipeline_path=pipeline_path, pipeline_hash=pipeline_hash,
+                trigger=trigger, status=RunStatus.RUNNING, started_at=started_at, finished_at=None,
+                git_commit=git_commit, host=host, pid=pid, exit_code=None, params_override=params_override))
+        return run_id
+
+    def mark_stage_running(self, run_id: str, stage: str, attempt: int, started_at: datetime,
+                           log_path: str | None = None) -> None:
+        """Record that a stage (attempt `attempt`, from 1) started; `log_path` lets `pipe logs -f` follow it."""
+        with self._write() as session:
+            row = self._stage_row(session, run_id, stage)
+            row.status, row.reason, row.exit_code, row.attempts = None, "", None, attempt
+            row.started_at, row.finished_at, row.duration_s = started_at, None, None
+            row.log_path = log_path or row.log_path
+
+    def record_stage(self, run_id: str, result: StageResult, *, ingredients_json: str | None = None,
+                     user: str | None = None, hermetic: bool = True, gate_passed: bool | None = None) -> None:
+        """Record a stage's outcome, replacing what was recorded for it in this run (running, or an attempt)."""
+        with self._write() as session:
+            row = self._stage_row(session, run_id, result.stage)
+            row.status, row.reason, row.exit_code = result.status, result.reason, result.exit_code
+            row.attempts, row.infra_error = result.attempts, result.infra_error
+            row.cache_key, row.cached_from, row.image_id = result.cache_key, result.cached_from, result.image_id
+            row.started_at = result.started_at or row.started_at
+            row.finished_at = result.finished_at
+            row.duration_s = (row.finished_at - row.started_at).total_seconds() \
+                if row.started_at and row.finished_at else None
+            row.peak_memory_bytes, row.cpu_seconds = result.peak_memory_bytes, result.cpu_seconds
+            row.log_path = result.log_path or row.log_path
+            row.outputs_path, row.outputs_digest = result.outputs_path, result.outputs_digest
+            row.user, row.hermetic, row.ingredients_json = user, hermetic, ingredients_json
+            row.gate_passed = gate_passed
+            row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
+            row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
+
+    def finish_run(self, run_id: str, status: RunStatus, exit_code: int) -> None:
+        with self._write() as session:
+            run = self._run_row(session, run_id)
+            run.status, run.exit_code, run.finished_at = status, exit_code, _now()
+
+    def mark_interrupted(self, run_id: str, reason: str = "interrupted") -> bool:
+        """Mark a run whose process died as interrupted, and its running stages failed with `reason`.
+
+        Returns False, changing nothing, when the run is no longer running (it finished in the meantime).
+        """
+        with self._write() as session:
+            run = self._run_row(session, run_id, selectinload(RunRow.stages))
+            if run.status != RunStatus.RUNNING:
+                return False
+            now = _now()
+            run.status, run.finished_at = RunStatus.INTERRUPTED, now
+            for stage in run.stages:
+                if stage.status is None:
+                    stage.status, stage.reason, stage.finished_at = StageStatus.FAILED, reason, now
+                    stage.duration_s = (now - stage.started_at).total_seconds() if stage.started_at else None
+            return True
+
+    def record_tick(self, pipeline: str, due_at: datetime, action: TickAction, reason: str,
+                    run_id: str | None = None) -> None:
+        if action not in TICK_ACTIONS:
+            raise ValueError(f"tick action must be one of {TICK_ACTIONS}, not {action!r}")
+        with self._write() as session:
+            session.add(TickRow(pipeline=pipeline, due_at=due_at, action=action, reason=reason, run_id=run_id,
+                                recorded_at=_now()))
+
+    def hash_memo(self) -> SqlHashMemo:
+        """A HashMemo (orchestrator.hashing) over the `file_hash` table; call its flush() when done."""
+        return SqlHashMemo(self._read, self._write)
+
+    # --- asking ------------------------------------------------------------------------------------------------
+
+    def latest_run(self, pipeline: str) -> RunInfo | None:
+        with self._read() as session:
+            row = session.scalars(_newest(pipeline).options(*_WITH_STAGES).limit(1)).first()
+            return _run_info(row, with_stages=True) if row else None
+
+    def get_run(self, ref: str, pipeline: str) -> RunInfo:
+        """The run of `pipeline` named by its id, a unique prefix of it, or "latest"; NotFound otherwise."""
+        if ref == LATEST:
+            if (latest := self.latest_run(pipeline)) is None:
+                raise NotFound(f"pipeline {pipeline} has no runs yet; start one with `pipe run`")
+            return latest
+        with self._read() as session:
+            ids = session.scalars(select(RunRow.id).where(
+                RunRow.pipeline == pipeline, RunRow.id.startswith(ref, autoescape=True)).limit(11)).all()
+            if ref not in ids and len(ids) != 1:
+                if not ids:
+                    raise NotFound(f"run {ref} is not in the history of pipeline {pipeline}; see `pipe runs`")
+                many = "more than 10" if len(ids) > 10 else str(len(ids))
+                raise NotFound(f"run {ref} matches {many} runs of pipeline {pipeline}; give more of the id")
+            run_id = ref if ref in ids else ids[0]
+            row = session.scalars(select(RunRow).where(RunRow.id == run_id).options(*_WITH_STAGES)).one()
+            return _run_info(row, with_stages=True)
+
+    def list_runs(self, pipeline: str, status: RunStatus | None = None, trigger: Trigger | None = None,
+                  limit: int = 20, with_stages: bool = False) -> list[RunInfo]:
+        """Runs of `pipeline`, newest first; their stages only when `with_stages` (otherwise `stages` is ())."""
+        query = _newest(pipeline).limit(limit)
+        if status is not None:
+            query = query.where(RunRow.status == status)
+        if trigger is not None:
+            query = query.where(RunRow.trigger == trigger)
+        if with_stages:
+            query = query.options(*_WITH_STAGES)
+        with self._read() as session:
+            return [_run_info(row, with_stages) for row in session.scalars(query)]
+
+    def running_runs(self, pipeline: str) -> list[RunInfo]:
+        """Runs recorded as running; the caller checks their host and pid to find the interrupted ones."""
+        query = _newest(pipeline).where(RunRow.status == RunStatus.RUNNING).options(*_WITH_STAGES)
+        with self._read() as session:
+            return [_run_info(row, with_stages=True) for row in session.scalars(query)]
+
+    def last_success(self, pipeline: str, stage: str) -> StageRunInfo | None:
+        """The latest record of `stage` that succeeded, or was cached and kept its ingredients: what a cache
+        miss is explained against."""
+        query = (
+            select(StageRunRow).join(StageRunRow.run)
+            .where(RunRow.pipeline == pipeline, StageRunRow.stage == stage,
+                   or_(StageRunRow.status == StageStatus.SUCCEEDED,
+                       and_(StageRunRow.status == StageStatus.CACHED, StageRunRow.ingredients_json.is_not(None))))
+            .order_by(RunRow.started_at.desc(), StageRunRow.id.desc()).limit(1).options(*_WITH_DETAILS))
+        with self._read() as session:
+            row = session.scalars(query).first()
+            return _stage_info(row) if row else None
+
+    def metric_history(self, pipeline: str, limit: int = 20) -> list[MetricPoint]:
+        """Every metric of the latest `limit` runs that recorded any, newest run first, then stage and name."""
+        has_metrics = (select(MetricRow.id).join(StageRunRow, MetricRow.stage_run_id == StageRunRow.id)
+                       .where(StageRunRow.run_id == RunRow.id).exists())
+        recent = select(RunRow.id).where(RunRow.pipeline == pipeline, has_metrics) \
+            .order_by(RunRow.started_at.desc()).limit(limit)
+        query = (select(RunRow.id, RunRow.started_at, StageRunRow.stage, MetricRow.name, MetricRow.value)
+                 .join(StageRunRow, StageRunRow.run_id == RunRow.id)
+                 .join(MetricRow, MetricRow.stage_run_id == StageRunRow.id)
+                 .where(RunRow.id.in_(recent))
+                 .order_by(RunRow.started_at.desc(), StageRunRow.stage, MetricRow.name))
+        with self._read() as session:
+            return [MetricPoint(*row) for row in session.execute(query)]
+
+    def last_gate_pass(self, pipeline: str, stage: str, metric: str) -> tuple[str, float] | None:
+        """(run id, value of `metric`) of the latest run in which `stage` passed its gate."""
+        query = (select(RunRow.id, MetricRow.value)
+                 .join(StageRunRow, StageRunRow.run_id == RunRow.id)
+                 .join(MetricRow, MetricRow.stage_run_id == StageRunRow.id)
+                 .where(RunRow.pipeline == pipeline, StageRunRow.stage == stage,
+                        StageRunRow.gate_passed.is_(True), MetricRow.name == metric)
+                 .order_by(RunRow.started_at.desc()).limit(1))
+        with self._read() as session:
+            row = session.execute(query).first()
+            return (row[0], row[1]) if row else None
+
+    def referenced_cache_keys(self, keep_runs: int | None, keep_days: float | None) -> set[str]:
+        """Cache keys that the newest `keep_runs` runs or the runs of the last `keep_days` days (of every
+        pipeline in this database) recorded, plus those of running runs; every key when both are None."""
+        keep: list[Any] = [RunRow.status == RunStatus.RUNNING]
+        if keep_runs is not None:
+            keep.append(RunRow.id.in_(select(RunRow.id).order_by(RunRow.started_at.desc()).limit(keep_runs)))
+        if keep_days is not None:
+            keep.append(RunRow.started_at >= _now() - timedelta(days=keep_days))
+        query = select(StageRunRow.cache_key).distinct().where(StageRunRow.cache_key.is_not(None))
+        if keep_runs is not None or keep_days is not None:
+            query = query.join(StageRunRow.run).where(or_(*keep))
+        with self._read() as session:
+            return {key for key in session.scalars(query) if key is not None}
+
+    def ticks(self, pipeline: str, limit: int = 20) -> list[TickInfo]:
+        """The scheduler's latest ticks of `pipeline`, newest due time first."""
+        query = select(TickRow).where(TickRow.pipeline == pipeline) \
+            .order_by(TickRow.due_at.desc(), TickRow.id.desc()).limit(limit)
+        with self._read() as session:
+            return [TickInfo(pipeline=t.pipeline, due_at=t.due_at, action=cast(TickAction, t.action),
+                             reason=t.reason, run_id=t.run_id, recorded_at=t.recorded_at)
+                    for t in session.scalars(query)]
+
+    # --- sessions and rows ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine) as session, session.begin():
+                yield session
+        except SQLAlchemyError as e:
+            raise StoreError(f"database {self._name} cannot be read: {one_line(e)}") from e
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction, committed on exit (on SQLite it holds the write lock from the start)."""
+        try:
+            with Session(self._writer) as session, session.begin():
+                yield session
+        except SQLAlchemyError as e:
+            raise StoreError(f"database {self._name} cannot be written: {one_line(e)}") from e
+
+    def _run_row(self, session: Session, run_id: str, *options: Any) -> RunRow:
+        row = session.get(RunRow, run_id, options=options)
+        if row is None:
+            raise NotFound(f"run {run_id} is not in the history database {self._name}")
+        return row
+
+    def _stage_row(self, session: Session, run_id: str, stage: str) -> StageRunRow:
+        """The stage's row in this run, with artifacts and metrics loaded; a new one if it has none yet."""
+        row = session.scalars(select(StageRunRow).where(StageRunRow.run_id == run_id, StageRunRow.stage == stage)
+                              .options(*_WITH_DETAILS)).first()
+        if row is None:
+            self._run_row(session, run_id)
+            row = StageRunRow(run_id=run_id, stage=stage, status=None, reason="", attempts=0, infra_error=False,
+                              hermetic=True, artifacts=[], metrics=[])
+            session.add(row)
+        return row
+
+
+def _newest(pipeline: str) -> Select[RunRow]:
+    return select(RunRow).where(RunRow.pipeline == pipeline).order_by(RunRow.started_at.desc(), RunRow.id.desc())
+
+
+def _run_info(row: RunRow, with_stages: bool) -> RunInfo:
+    stages: Sequence[StageRunRow] = row.stages if with_stages else ()
+    return RunInfo(
+        id=row.id, pipeline=row.pipeline, pipeline_path=row.pipeline_path, pipeline_hash=row.pipeline_hash,
+        trigger=cast(Trigger, row.trigger), status=row.status, started_at=row.started_at,
+        finished_at=row.finished_at, git_commit=row.git_commit, host=row.host, pid=row.pid,
+        exit_code=row.exit_code, params_override=dict(row.params_override),
+        stages=tuple(_stage_info(s) for s in stages))
+
+
+def _stage_info(row: StageRunRow) -> StageRunInfo:
+    return StageRunInfo(
+        stage=row.stage, status=row.status, reason=row.reason, exit_code=row.exit_code, attempts=row.attempts,
+        infra_error=row.infra_error, cache_key=row.cache_key, cached_from=row.cached_from, image_id=row.image_id,
+        started_at=row.started_at, finished_at=row.finished_at, duration_s=row.duration_s,
+        peak_memory_bytes=row.peak_memory_bytes, cpu_seconds=row.cpu_seconds, log_path=row.log_path,
+        outputs_path=row.outputs_path, outputs_digest=row.outputs_digest, user=row.user, hermetic=row.hermetic,
+        ingredients_json=row.ingredients_json,
+        artifacts=tuple(Artifact(path=a.path, size=a.size, digest=a.digest) for a in row.artifacts),
+        metrics={m.name: m.value for m in row.metrics}, gate_passed=row.gate_passed)
