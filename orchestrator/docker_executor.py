@@ -1,0 +1,499 @@
+"""Runs one ContainerSpec in a Docker container: caps, sandbox, secrets, logs, deadline, OOM, removal; orphan sweep.
+
+Knows nothing of pipelines, caches or history: it gets a ContainerSpec and returns an ExecResult.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Self
+
+import docker
+import docker.errors
+import urllib3.exceptions
+from docker.models.containers import Container
+from docker.types import DeviceRequest
+from docker.types import Mount as DockerMount
+
+from orchestrator.errors import EngineError
+from orchestrator.executor import (
+    LABEL_MANAGED,
+    LABEL_PIPELINE,
+    LABEL_RUN,
+    ContainerSpec,
+    ExecResult,
+    Outcome,
+    OutputSink,
+    SecretFile,
+)
+from orchestrator.units import format_bytes, format_duration
+
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
+LOG_CAP_BYTES = 10 * 1024**2  # the stored log per attempt; the terminal still sees every line
+LINE_CAP_BYTES = 64 * 1024  # a longer "line" is passed on in pieces, so memory stays bounded
+TAIL_LINES = 20  # kept to explain a failure (ENOSPC)
+SECRETS_TARGET = "/run/secrets"
+ENOSPC_TEXT = "no space left on device"
+# What an engine fault looks like from the SDK: its own errors, requests' (OSError) and urllib3's.
+ENGINE_FAULTS = (docker.errors.DockerException, OSError, urllib3.exceptions.HTTPError)
+
+
+def connect(base_url: str | None = None, timeout_s: float = 5) -> docker.DockerClient:
+    """A client that answered a ping; EngineError naming the socket within about timeout_s otherwise."""
+    address = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+    try:
+        if base_url:
+            client = docker.DockerClient(base_url=base_url, timeout=int(timeout_s), max_pool_size=64)
+        else:
+            client = docker.from_env(timeout=int(timeout_s), max_pool_size=64)
+        client.api.ping()
+    except ENGINE_FAULTS as e:
+        raise EngineError(
+            f"docker engine unreachable at {address}: {short_reason(e)}; start it with scripts/engine.sh"
+        ) from e
+    client.api.timeout = 120  # the short timeout was for the ping; a busy engine may take longer to create
+    return client
+
+
+def short_reason(error: BaseException) -> str:
+    """One line from a chain of SDK, requests and socket errors: the innermost OS error when there is one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        for arg in getattr(seen, "args", ()):
+            if isinstance(arg, OSError) and arg.strerror:
+                return arg.strerror
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, docker.errors.APIError) and error.explanation:
+        text = str(error.explanation)
+    else:
+        text = str(error) or type(error).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def host_kwargs(spec: ContainerSpec, secrets_dir: Path | None = None) -> dict[str, Any]:
+    """The keyword arguments of containers.create for `spec`: caps, sandbox, mounts, labels. Pure.
+
+    The sandbox is not optional here: no capabilities, no-new-privileges, read-only root with a capped /tmp,
+    no network unless asked, never privileged or in a host namespace (the engine's default seccomp applies).
+    """
+    mounts = [DockerMount(m.target, str(m.source), type="bind", read_only=m.read_only) for m in spec.mounts]
+    if secrets_dir is not None:
+        mounts.append(DockerMount(SECRETS_TARGET, str(secrets_dir), type="bind", read_only=True))
+    kwargs: dict[str, Any] = {
+        "command": list(spec.command) if spec.command is not None else None,
+        "environment": {"HOME": "/tmp", **spec.env},
+        "working_dir": spec.workdir,
+        "labels": {LABEL_MANAGED: "1", **spec.labels},
+        "mounts": mounts,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "init": True,  # reaps stray children and forwards SIGTERM on timeout
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,size={spec.tmp_bytes},mode=1777"},
+        "privileged": False,
+        "ipc_mode": "private",
+    }
+    if spec.entrypoint is not None:
+        kwargs["entrypoint"] = list(spec.entrypoint)
+    if not spec.network:
+        kwargs["network_mode"] = "none"
+    if spec.user is not None:
+        kwargs["user"] = spec.user
+    if spec.cpus is not None:
+        kwargs["nano_cpus"] = int(spec.cpus * 1e9)
+    if spec.memory_bytes is not None:
+        kwargs["mem_limit"] = spec.memory_bytes
+        kwargs["memswap_limit"] = spec.memory_bytes  # equal: no swap
+    if spec.pids is not None:
+        kwargs["pids_limit"] = spec.pids
+    if spec.gpus > 0:
+        kwargs["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
+    return kwargs
+
+
+def classify(
+    exit_code: int,
+    state: Mapping[str, Any],
+    *,
+    memory_bytes: int | None,
+    timed_out: bool,
+    cancelled: bool,
+    timeout_s: float | None = None,
+    tail: Sequence[str] = (),
+) -> tuple[Outcome, str]:
+    """The outcome and its one-line reason. What pipe did itself (deadline, stop_all) wins over the exit code.
+
+    State.OOMKilled is not trusted alone (moby/moby#38352): a 137 under a memory cap that pipe did not cause is
+    taken as an OOM kill too.
+    """
+    if timed_out:
+        return Outcome.TIMEOUT, f"timed out after {format_duration(timeout_s)}" if timeout_s else "timed out"
+    if cancelled:
+        return Outcome.CANCELLED, "cancelled"
+    if state.get("OOMKilled") or (exit_code == 137 and memory_bytes is not None):
+        cap = f" (cap {format_bytes(memory_bytes)})" if memory_bytes is not None else ""
+        return Outcome.OOM, f"killed: out of memory{cap}"
+    if exit_code == 0:
+        return Outcome.SUCCEEDED, ""
+    reason = f"exited with code {exit_code}"
+    if 128 < exit_code < 128 + signal.NSIG:
+        try:
+            reason += f" ({signal.Signals(exit_code - 128).name})"
+        except ValueError:
+            pass
+    if any(ENOSPC_TEXT in line.lower() for line in tail):
+        reason += ": no space left on device (ENOSPC)"
+    return Outcome.FAILED, reason
+
+
+class DockerExecutor:
+    """Runs ContainerSpecs on one engine; thread-safe, so parallel.py can run several at once.
+
+    run: create -> register -> start -> stream logs until the container ends -> wait -> classify -> remove.
+    stop_all (from any thread) stops what is registered, and makes later runs return CANCELLED at once.
+    """
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._running: dict[str, Container] = {}
+        self._cancelled: set[str] = set()
+        self._stop_requests = 0
+
+    def run(self, spec: ContainerSpec, on_output: OutputSink) -> ExecResult:
+        started_at = _now()
+        if self._stop_requests:
+            return _result(Outcome.CANCELLED, None, "cancelled", started_at)
+        owner = self._secret_owner(spec) if spec.secrets else None
+        with _secrets_dir(spec.secrets, owner) as secrets_dir:
+            try:
+                container = self._client.containers.create(spec.image_id, **host_kwargs(spec, secrets_dir))
+            except docker.errors.APIError as e:  # the engine answered but refused: this stage cannot run
+                return _result(
+                    Outcome.ERROR, None, f"docker engine refused the container: {short_reason(e)}", started_at
+                )
+            except ENGINE_FAULTS as e:
+                raise EngineError(
+                    f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
+                ) from e
+            cid = str(container.id)
+            try:
+                return self._supervise(container, cid, spec, on_output)
+            finally:
+                with self._lock:
+                    self._running.pop(cid, None)
+                    self._cancelled.discard(cid)
+                _remove(container)
+
+    def stop_all(self) -> None:
+        """Stop every running container of this executor (SIGTERM, SIGKILL after STOP_GRACE_S), without waiting.
+
+        Their run() calls return CANCELLED. Safe to call repeatedly; a second call kills what is still running.
+        """
+        with self._lock:
+            self._stop_requests += 1
+            force = self._stop_requests > 1
+            containers = list(self._running.values())
+            self._cancelled.update(self._running)
+        for container in containers:
+            threading.Thread(target=_kill if force else _stop, args=(container,), daemon=True).start()
+
+    def _supervise(
+        self, container: Container, cid: str, spec: ContainerSpec, on_output: OutputSink
+    ) -> ExecResult:
+        with self._lock:
+            if self._stop_requests:  # stop_all came between create and here
+                return _result(Outcome.CANCELLED, None, "cancelled", _now())
+            self._running[cid] = container
+        started_at = _now()
+        deadline = _Deadline(spec.timeout_s, lambda: _stop(container))
+        stats = _Stats(self._client, cid)
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        try:
+            container.start()
+            deadline.start()
+            stats.start()
+            self._stream(container, spec, on_output, tail)
+            exit_code = int(container.wait()["StatusCode"])
+            container.reload()
+            state = container.attrs["State"]
+            if state.get("Status") == "removing":
+                return _result(
+                    Outcome.ERROR, exit_code, "container vanished (removed outside pipe)", started_at
+                )
+        except docker.errors.NotFound:
+            return _result(Outcome.ERROR, None, "container vanished (removed outside pipe)", started_at)
+        except ENGINE_FAULTS as e:
+            return _result(
+                Outcome.ERROR, None, f"docker engine failed during the run: {short_reason(e)}", started_at
+            )
+        finally:
+            deadline.cancel()
+            stats.stop()
+        with self._lock:
+            cancelled = cid in self._cancelled
+        outcome, reason = classify(
+            exit_code,
+            state,
+            memory_bytes=spec.memory_bytes,
+            timed_out=deadline.expired,
+            cancelled=cancelled,
+            timeout_s=spec.timeout_s,
+            tail=tail,
+        )
+        return _result(outcome, exit_code, reason, started_at, stats.peak_memory_bytes, stats.cpu_seconds)
+
+    def _stream(
+        self, container: Container, spec: ContainerSpec, on_output: OutputSink, tail: deque[str]
+    ) -> None:
+        """Pass stdout and stderr on line by line until the container ends; memory is bounded by LINE_CAP_BYTES."""
+        secrets = [s.value for s in spec.secrets if s.value]
+        with _CappedLog(spec.log_path) as log:
+
+            def emit(raw: bytes) -> None:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r")
+                for value in secrets:  # exact matches only; see issue 6
+                    line = line.replace(value, "***")
+                tail.append(line)
+                log.write(line)
+                on_output(line)
+
+            buffer = b""
+            for chunk in container.logs(stream=True, follow=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    emit(raw)
+                while len(buffer) > LINE_CAP_BYTES:
+                    emit(buffer[:LINE_CAP_BYTES])
+                    buffer = buffer[LINE_CAP_BYTES:]
+            if buffer:
+                emit(buffer)
+
+    def _secret_owner(self, spec: ContainerSpec) -> tuple[int, int] | None:
+        """The uid:gid the container runs as, when numeric; None when only a name is known."""
+        user = spec.user
+        if user is None:
+            try:
+                user = self._client.images.get(spec.image_id).attrs["Config"].get("User") or ""
+            except docker.errors.ImageNotFound:
+                user = ""  # create will report the missing image
+            except ENGINE_FAULTS as e:
+                raise EngineError(
+                    f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
+                ) from e
+        return parse_owner(user)
+
+
+def parse_owner(user: str) -> tuple[int, int] | None:
+    """ "1000:1000" -> (1000, 1000); "" or "root" -> (0, 0); a user name -> None (its uid is inside the image)."""
+    name, _, group = user.partition(":")
+    if name in ("", "root"):
+        name = "0"
+    if not name.isdigit() or (group and not group.isdigit()):
+        return None
+    return int(name), int(group or 0)
+
+
+@contextmanager
+def _secrets_dir(secrets: Sequence[SecretFile], owner: tuple[int, int] | None) -> Iterator[Path | None]:
+    """A fresh folder on a host tmpfs with one 0400 file per secret, owned by the container's user; removed after.
+
+    The outer folder is 0700 and private to pipe's user; the inner one is what the container sees at /run/secrets.
+    When its uid cannot be given the files (a named user, or pipe not root), they are 0444 instead: still
+    unreadable for other host users behind the 0700 folder.
+    """
+    if not secrets:
+        yield None
+        return
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    outer = Path(tempfile.mkdtemp(prefix="pipe-secrets-", dir=base))
+    try:
+        inner = outer / "secrets"
+        inner.mkdir(mode=0o700)
+        chown = owner is not None and (owner[0] == os.getuid() or os.geteuid() == 0)
+        for secret in secrets:
+            if not secret.name or "/" in secret.name or secret.name.startswith("."):
+                raise ValueError(f"unsafe secret name {secret.name!r}")
+            path = inner / secret.name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secret.value)
+            if chown and owner is not None:
+                os.chown(path, *owner)
+            path.chmod(0o400 if chown else 0o444)
+        if chown and owner is not None:
+            os.chown(inner, *owner)
+        inner.chmod(0o500 if chown else 0o555)
+        yield inner
+    finally:
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+class _CappedLog:
+    """Appends lines to a file up to LOG_CAP_BYTES, then one marker line; a no-op without a path."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._file: BinaryIO | None = None
+        self._written = 0
+        self._truncated = False
+
+    def __enter__(self) -> Self:
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._path, "ab")  # closed in __exit__
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def write(self, line: str) -> None:
+        if self._file is None or self._truncated:
+            return
+        data = line.encode("utf-8") + b"\n"
+        if self._written + len(data) > LOG_CAP_BYTES:
+            self._file.write(f"[pipe: log truncated after {format_bytes(LOG_CAP_BYTES)}]\n".encode())
+            self._truncated = True
+            return
+        self._file.write(data)
+        self._written += len(data)
+
+
+class _Deadline:
+    """Calls on_expiry once after timeout_s unless cancelled first; container.wait(timeout=) is only an HTTP
+    read timeout (docker-py #1966), so pipe keeps its own clock."""
+
+    def __init__(self, timeout_s: float | None, on_expiry: Callable[[], None]) -> None:
+        self.expired = False
+        self._on_expiry = on_expiry
+        self._timer = threading.Timer(timeout_s, self._fire) if timeout_s else None
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.expired = True
+        self._on_expiry()
+
+    def start(self) -> None:
+        if self._timer is not None:
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _Stats:
+    """Samples the engine's stats stream in a daemon thread: peak memory and CPU seconds (cgroup v1 and v2).
+
+    The stream ends when the container is removed; stop() only makes the thread ignore later samples. A container
+    too short for one sample gives None for both.
+    """
+
+    def __init__(self, client: docker.DockerClient, container_id: str) -> None:
+        self._client, self._id = client, container_id
+        self._done = threading.Event()
+        self.peak_memory_bytes: int | None = None
+        self.cpu_seconds: float | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._sample, name=f"stats-{self._id[:12]}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _sample(self) -> None:
+        try:
+            for sample in self._client.api.stats(self._id, stream=True, decode=True):
+                if self._done.is_set():
+                    return
+                self._take(sample)
+        except ENGINE_FAULTS:
+            return  # the container went away; what was sampled stands
+
+    def _take(self, sample: Mapping[str, Any]) -> None:
+        memory = sample.get("memory_stats") or {}
+        peak = memory.get("max_usage") or memory.get("usage")  # v1 has max_usage; v2 only usage
+        if peak:
+            self.peak_memory_bytes = max(self.peak_memory_bytes or 0, int(peak))
+        total_ns = ((sample.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+        if total_ns:
+            self.cpu_seconds = max(self.cpu_seconds or 0.0, total_ns / 1e9)
+
+
+def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[str], bool]) -> list[str]:
+    """Remove the containers of pipeline `owner` whose run is not alive; return those runs' ids, sorted."""
+    try:
+        containers = client.containers.list(
+            all=True, filters={"label": [LABEL_MANAGED, f"{LABEL_PIPELINE}={owner}"]}
+        )
+    except ENGINE_FAULTS as e:
+        raise EngineError(
+            f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
+        ) from e
+    dead: set[str] = set()
+    for container in containers:
+        run_id = container.labels.get(LABEL_RUN, "")
+        if not is_alive(run_id):
+            _remove(container)
+            dead.add(run_id)
+    return sorted(dead)
+
+
+def _stop(container: Container) -> None:
+    try:
+        container.stop(timeout=int(STOP_GRACE_S))
+    except ENGINE_FAULTS:
+        pass  # already gone or engine lost: run() reports what happened
+
+
+def _kill(container: Container) -> None:
+    try:
+        container.kill()
+    except ENGINE_FAULTS:
+        pass
+
+
+def _remove(container: Container) -> None:
+    try:
+        container.remove(force=True)
+    except ENGINE_FAULTS:
+        pass  # gone already, removal in progress elsewhere, or the engine is lost (the next sweep removes it)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _result(
+    outcome: Outcome,
+    exit_code: int | None,
+    reason: str,
+    started_at: datetime,
+    peak_memory_bytes: int | None = None,
+    cpu_seconds: float | None = None,
+) -> ExecResult:
+    return ExecResult(
+        outcome=outcome,
+        exit_code=exit_code,
+        reason=reason,
+        started_at=started_at,
+        finished_at=_now(),
+        peak_memory_bytes=peak_memory_bytes,
+        cpu_seconds=cpu_seconds,
+    )
