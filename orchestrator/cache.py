@@ -54,8 +54,8 @@ class Ingredients:
 
     version: int = KEY_VERSION
     image: str
-    command: tuple[str, ...] | None
-    entrypoint: tuple[str, ...] | None
+    command: tuple[str, ...] | list[str] | None  # stored as a tuple either way
+    entrypoint: tuple[str, ...] | list[str] | None
     workdir: str
     env: dict[str, str]
     params: dict[str, Any]
