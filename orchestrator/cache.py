@@ -252,6 +252,8 @@ class Cache:
             return Lookup(None, self._damaged(key, "unreadable manifest"))
         if manifest.key != key:
             return Lookup(None, self._damaged(key, "manifest of another key"))
+        if any(_leaves_folder(p) for p in (*manifest.empty_dirs, *(e.path for e in manifest.files))):
+            return Lookup(None, self._damaged(key, "a path leaves the outputs folder"))
         for entry in manifest.files:
             if entry.link is not None:
                 continue
@@ -435,6 +437,10 @@ class Cache:
     @staticmethod
     def _damaged(key: str, why: str) -> str:
         return f"cache entry {key[:12]} is damaged ({why})"
+
+
+def _leaves_folder(path: str) -> bool:
+    return path.startswith("/") or ".." in path.split("/")
 
 
 def _blob_mode(entry: FileEntry) -> int:

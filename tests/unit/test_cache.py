@@ -220,6 +220,15 @@ def test_unreadable_manifest_is_a_miss_with_problem(tmp_path: Path) -> None:
     assert lookup.problem == f"cache entry {manifest.key[:12]} is damaged (unreadable manifest)"
 
 
+def test_manifest_path_leaving_the_folder_is_damage(tmp_path: Path) -> None:
+    cache, manifest, _ = saved(tmp_path)
+    path = cache.root / "entries" / manifest.key[:2] / f"{manifest.key}.json"
+    path.write_text(path.read_text().replace('"sub/metrics.json"', '"../../escape.json"'))
+    lookup = cache.lookup(manifest.key)
+    assert lookup.manifest is None
+    assert lookup.problem == f"cache entry {manifest.key[:12]} is damaged (a path leaves the outputs folder)"
+
+
 def test_resave_repairs_a_damaged_entry(tmp_path: Path) -> None:
     cache, manifest, _ = saved(tmp_path)
     model = next(f for f in manifest.files if f.path == "model.bin")
