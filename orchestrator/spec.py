@@ -1,27 +1,103 @@
 """Frozen pydantic models of pipeline.yaml: the user's contract, with units parsed at the edge.
 
-Knows nothing of YAML, files or line numbers: loader.py turns a file into these models and keeps the key -> line
-map (Source) that later checks use to raise SpecError with a line.
+Knows nothing of YAML, files or line numbers: loader.py turns a file into these models and keeps the
+key -> line map (Source) that later checks use to raise SpecError with a line.
 """
 
 from __future__ import annotations
 
+import difflib
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from orchestrator import units
 from orchestrator.errors import SpecError
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+PIPELINE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+MIN_MEMORY = 6 * 1024**2  # the engine refuses a smaller memory cap
 StageName = Annotated[str, Field(pattern=NAME_PATTERN)]
-Seconds = Annotated[float, BeforeValidator(units.parse_duration)]
-Bytes = Annotated[int, BeforeValidator(units.parse_memory)]
-EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Seconds = Annotated[float, BeforeValidator(units.parse_duration, json_schema_input_type=float | str)]
+Bytes = Annotated[int, BeforeValidator(units.parse_memory, json_schema_input_type=int | str)]
+EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
 RetryOn = Literal["error", "oom", "timeout"]
+
+
+def describe_value(value: object) -> str:
+    """How an error message names a value the user wrote: "a mapping", "the string 'x'", "3", "nothing"."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value[:40] + '...' if len(value) > 40 else value!r}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing (null)"
+    return repr(value)
+
+
+def keyed_error(key: str, problem: str, at: str = "") -> PydanticCustomError:
+    """A validation error about `key` (dotted, relative to the model being validated, may be empty).
+
+    The loader appends `key` to pydantic's location to name the key and takes the line of `at` (default:
+    `key`), so a check that spans fields, such as an unknown stage in `needs`, still points at the right line.
+    """
+    return PydanticCustomError("pipe_spec", "{problem}", {"key": key, "at": at or key, "problem": problem})
+
+
+def _command(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        if not value:
+            raise ValueError("empty command: leave the key out to run the image's own command")
+        return tuple(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("empty command: leave the key out to run the image's own command")
+        return value
+    raise ValueError(f"expected a string or a list of strings, got {describe_value(value)}")
+
+
+def _build(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"context": value}
+    if value is None or isinstance(value, (dict, Build)):
+        return value
+    raise ValueError(
+        "expected a string (the build context) or a mapping with context, dockerfile, args, "
+        f"got {describe_value(value)}"
+    )
+
+
+def _relative_path(value: str, what: str) -> str:
+    """`value` normalised ("./data/" -> "data"); refuses empty, absolute and `..` paths."""
+    if not value.strip():
+        raise ValueError(f"empty path: name a {what}")
+    if posixpath.isabs(value):
+        raise ValueError(f"{value!r} is absolute: use a path relative to the {what}")
+    normal = posixpath.normpath(value)
+    if normal == ".." or normal.startswith("../"):
+        raise ValueError(f"{value!r} leaves the {what}")
+    return normal
+
+
+Command = Annotated[tuple[str, ...] | str, BeforeValidator(_command)]
 
 
 class _Model(BaseModel):
@@ -32,13 +108,18 @@ class Build(_Model):
     """A Docker build context, relative to pipeline.yaml. `build: stages/data` is short for {context: ...}."""
 
     context: str
-    dockerfile: str = "Dockerfile"
+    dockerfile: str = "Dockerfile"  # relative to the context, as `docker build -f` reads it
     args: dict[str, str] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, data: Any) -> Any:
         return {"context": data} if isinstance(data, str) else data
+
+    @field_validator("context")
+    @classmethod
+    def _context_inside(cls, value: str) -> str:
+        return _relative_path(value, "pipeline's folder")
 
 
 class Resources(_Model):
@@ -48,6 +129,13 @@ class Resources(_Model):
     memory: Bytes | None = None
     gpus: Annotated[int, Field(ge=0)] = 0
     pids: Annotated[int, Field(gt=0)] | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_at_least_engine_minimum(cls, value: int | None) -> int | None:
+        if value is not None and value < MIN_MEMORY:
+            raise ValueError(f"{units.format_bytes(value)} is below the engine's minimum of 6 MiB")
+        return value
 
 
 class Gate(_Model):
@@ -60,9 +148,9 @@ class Gate(_Model):
 
 
 class Stage(_Model):
-    image: str | None = None
-    build: Build | None = None
-    command: tuple[str, ...] | str | None = None  # None: the image's own CMD
+    image: Annotated[str, Field(min_length=1)] | None = None
+    build: Annotated[Build | None, BeforeValidator(_build, json_schema_input_type=str | Build | None)] = None
+    command: Command | None = None  # None: the image's own CMD; a string runs under /bin/sh -c
     entrypoint: tuple[str, ...] | None = None
     inputs: tuple[str, ...] = ()
     needs: tuple[StageName, ...] = ()
@@ -80,12 +168,28 @@ class Stage(_Model):
     user: str | None = None  # default: the invoking user's uid:gid; "root" only when asked
     network: bool = False
 
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_inside(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        normal = tuple(_relative_path(rel, "pipeline's folder") for rel in value)
+        if len(set(normal)) != len(normal):
+            twice = next(rel for i, rel in enumerate(normal) if rel in normal[:i])
+            raise ValueError(f"{twice!r} is listed twice")
+        return normal
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_inside_outputs(cls, value: str | None) -> str | None:
+        return None if value is None else _relative_path(value, "stage's /outputs")
+
     @model_validator(mode="after")
     def _one_image_source(self) -> Self:
-        if (self.image is None) == (self.build is None):
-            raise ValueError("set exactly one of 'image' or 'build'")
+        if self.image is not None and self.build is not None:
+            raise keyed_error("image", "set either 'image' or 'build', not both")
+        if self.image is None and self.build is None:
+            raise keyed_error("", "needs 'image' (an existing image) or 'build' (a folder with a Dockerfile)")
         if self.gate is not None and self.metrics is None:
-            raise ValueError("'gate' needs 'metrics' (the JSON file the gate reads)")
+            raise keyed_error("gate", "'gate' needs 'metrics' (the JSON file in /outputs the gate reads)")
         return self
 
     def argv(self) -> tuple[str, ...] | None:
@@ -95,10 +199,18 @@ class Stage(_Model):
         return self.command
 
 
+_DEFAULT_CAPS = {"memory": 4 * 1024**3, "pids": 1024}
+
+
+def _with_default_caps(value: Any) -> Any:
+    """`defaults: {resources: {cpus: 1}}` keeps the built-in memory and pids caps unless it sets them."""
+    return {**_DEFAULT_CAPS, **value} if isinstance(value, dict) else value
+
+
 class Defaults(_Model):
     """Applied to every stage that does not set its own."""
 
-    resources: Resources = Resources(memory=4 * 1024**3, pids=1024)
+    resources: Annotated[Resources, BeforeValidator(_with_default_caps)] = Resources(**_DEFAULT_CAPS)
     timeout: Seconds | None = None
     tmp_size: Bytes = 256 * 1024**2  # the writable tmpfs at /tmp
 
@@ -127,8 +239,8 @@ class Source:
 
 
 class Pipeline(_Model):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")] | None = None
-    stages: dict[StageName, Stage] = Field(min_length=1)
+    name: Annotated[str, Field(pattern=PIPELINE_NAME_PATTERN)] | None = None
+    stages: dict[StageName, Stage] = Field(min_length=1, json_schema_extra={"additionalProperties": False})
     defaults: Defaults = Defaults()
     schedule: Schedule | None = None
     secrets_file: str | None = None  # KEY=VALUE lines, outside the repository; the environment wins
@@ -137,9 +249,12 @@ class Pipeline(_Model):
     @model_validator(mode="after")
     def _needs_exist(self) -> Self:
         for name, stage in self.stages.items():
-            for up in stage.needs:
+            for i, up in enumerate(stage.needs):
                 if up not in self.stages:
-                    raise ValueError(f"stages.{name}.needs: unknown stage {up!r}")
+                    close = difflib.get_close_matches(up, self.stages, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else f"stages: {_listing(self.stages)}"
+                    key = f"stages.{name}.needs"
+                    raise keyed_error(key, f"unknown stage {up!r} ({hint})", at=f"{key}.{i}")
         return self
 
     def with_source(self, source: Source) -> Pipeline:
@@ -163,9 +278,9 @@ class Pipeline(_Model):
     def display_name(self) -> str:
         return self.name or re.sub(r"[^A-Za-z0-9_.-]", "-", self.root.resolve().name) or "pipeline"
 
-    def error(self, key: str, problem: str) -> SpecError:
-        """A SpecError for a check made after parsing; keeps the line of `key`."""
-        return SpecError(self.path, self._source.line_of(key), key, problem)
+    def error(self, key: str, problem: str, at: str | None = None) -> SpecError:
+        """A SpecError for a check made after parsing, on the line of `at` (default: of `key`)."""
+        return SpecError(self.path, self._source.line_of(at or key), key, problem)
 
     def resources_of(self, name: str) -> Resources:
         """The stage's caps with the pipeline defaults filled in."""
@@ -180,3 +295,10 @@ class Pipeline(_Model):
     def timeout_of(self, name: str) -> float | None:
         own = self.stages[name].timeout
         return own if own is not None else self.defaults.timeout
+
+
+def _listing(names: Any, limit: int = 12) -> str:
+    """ "a, b, c" or "a, b, ... and 4988 more", for messages."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... and {len(names) - limit} more"
