@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import loader
-from orchestrator.errors import ExitCode, UsageError
+from orchestrator.errors import ExitCode, StoreError, UsageError
 from orchestrator.events import Reporter, RunFinished, RunStarted, StagePlanned
 from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
@@ -183,12 +183,16 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             policy=parallel.Policy(
                 jobs=request.jobs or os.cpu_count() or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
             ),
-            capacity=parallel.host_capacity(),
-            demands={name: parallel.Demand.of(pipeline.resources_of(name)) for name in plan.order},
-            retry={name: parallel.RetryPolicy.of(pipeline.stages[name]) for name in plan.order},
+            capacity=parallel.Capacity(float(os.cpu_count() or 1), host_memory_bytes()),
+            demands={name: _demand(pipeline, name) for name in plan.order},
+            retry={
+                name: parallel.RetryPolicy(s.retries, s.retry_delay, frozenset(s.retry_on))
+                for name, s in ((n, pipeline.stages[n]) for n in plan.order)
+            },
             cancel=cancel.event,
             reporter=reporter,
             on_cancel=executor.stop_all,
+            fatal=(StoreError,),
         )
         for result in report.results.values():
             if result.status is StageStatus.SKIPPED:
@@ -197,6 +201,17 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         store.finish_run(run_id, summary.status, summary.exit_code)
         reporter.emit(RunFinished(summary))
         return summary
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _demand(pipeline: Pipeline, name: str) -> Any:
+    from orchestrator.parallel import Demand
+
+    res = pipeline.resources_of(name)
+    return Demand(res.cpus or 0.0, res.memory or 0)
 
 
 def summarize(run_id: str, results: dict[str, StageResult], cancel: Cancel | None) -> RunSummary:

@@ -302,3 +302,21 @@ def print_status(report: Any) -> None:
     for p in report.next_run:
         what = Text("runs", style="yellow") if p.will_run else Text("cached", style="cyan")
         console.print(Text(f"  {p.stage}: ").append(what).append(f": {', '.join(p.reasons)}"))
+
+
+def manifest_json(manifest: Any) -> dict[str, Any]:
+    return {"key": manifest.key, "stage": manifest.stage, "run_id": manifest.run_id, "digest": manifest.digest,
+            "files": len(manifest.files), "size": manifest.total_size, "created_at": manifest.created_at}
+
+
+def print_cache(manifests: list[Any]) -> None:
+    table = _table("key", "stage", "run", "files", "size", "created")
+    for m in manifests:
+        table.add_row(m.key[:12], m.stage, m.run_id, str(len(m.files)), format_bytes(m.total_size), str(m.created_at))
+    Console().print(table)
+
+
+def describe_gc(report: Any, dry_run: bool) -> str:
+    verb = "would remove" if dry_run else "removed"
+    return (f"{verb} {report.entries_removed} entr{'y' if report.entries_removed == 1 else 'ies'} and "
+            f"{report.blobs_removed} blob(s), {format_bytes(report.bytes_removed)}; kept {report.entries_kept}")

@@ -186,7 +186,8 @@ class StageRunner:
         tree = hash_tree(out)
         if stage.cache:
             self.cache.save(key, out, tree, ingredients, self.run_id, name)
-        result = replace(base, status=StageStatus.SUCCEEDED, reason="", **_outputs_fields(tree))
+        result = replace(base, status=StageStatus.SUCCEEDED, reason="", outputs_digest=tree.digest,
+                         artifacts=artifacts_of(tree))
         return self._finish_outputs(name, result, out, tree)
 
     def _restore(self, name: str, manifest: Manifest, ingredients: Ingredients, attempt: int) -> StageResult:
@@ -195,7 +196,7 @@ class StageRunner:
         now = datetime.now(UTC)
         shutil.rmtree(out, ignore_errors=True)
         self.cache.restore(manifest, out)
-        tree = TreeDigest(manifest.digest, manifest.files)
+        tree = TreeDigest(manifest.digest, manifest.files, manifest.empty_dirs)
         result = StageResult(
             stage=name,
             status=StageStatus.CACHED,
@@ -207,7 +208,8 @@ class StageRunner:
             started_at=now,
             finished_at=datetime.now(UTC),
             outputs_path=str(out),
-            **_outputs_fields(tree),
+            outputs_digest=tree.digest,
+            artifacts=artifacts_of(tree),
         )
         return self._record(self._finish_outputs(name, result, out, tree), ingredients, "")
 
@@ -246,11 +248,8 @@ class StageRunner:
         return result
 
 
-def _outputs_fields(tree: TreeDigest) -> dict[str, object]:
-    return {
-        "outputs_digest": tree.digest,
-        "artifacts": tuple(Artifact(f.path, f.size, f.digest) for f in tree.files),
-    }
+def artifacts_of(tree: TreeDigest) -> tuple[Artifact, ...]:
+    return tuple(Artifact(f.path, f.size, f.digest) for f in tree.files)
 
 
 def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo) -> dict[str, dict[str, str]]:

@@ -42,7 +42,7 @@ def containers_created(client: Any, owner: Path, since: float) -> int:
         since=int(since) - 1, until=int(time.time()) + 1, decode=True,
         filters={"type": "container", "event": "create", "label": f"{LABEL_PIPELINE}={owner}"},
     )
-    return sum(1 for _ in events)
+    return sum(1 for e in events if e.get("timeNano", 0) >= since * 1e9)  # `since` has whole-second resolution
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:

@@ -14,7 +14,7 @@ LAYER = {
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "runner": 3,
     "api": 4,
-    "console": 5, "cli": 5,
+    "console": 5, "cli": 5, "__main__": 6,
 }
 LIBRARIES = {
     "docker": {"docker_executor", "images"},
