@@ -99,7 +99,7 @@ def load_pipeline(path: Path) -> Pipeline:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as e:
         source = Source(path, lines)
-        raise min((_reword(source, err) for err in e.errors(include_url=False)), key=lambda x: x.line or 0) from e
+        raise min((_reword(source, err) for err in e.errors(include_url=False)), key=lambda x: x[0])[1] from e
     pipeline = pipeline.with_source(Source(path, lines))
     _check_paths(pipeline)
     _check_machine(pipeline)
@@ -403,15 +403,17 @@ def _tag_problem(tag: str) -> str:
     return f"tag {shown} is not allowed: a pipeline file holds plain strings, numbers, lists and mappings"
 
 
-def _reword(source: Source, err: ErrorDetails) -> SpecError:
-    """One pydantic error as a SpecError on the line of the key it is about."""
+def _reword(source: Source, err: ErrorDetails) -> tuple[tuple[bool, int], SpecError]:
+    """One pydantic error as a SpecError on the line of the key it is about, and where it sorts in the file
+    (a key missing at the top has no line: it sorts last, and the message says line 1)."""
     loc = tuple(str(part) for part in err["loc"] if part != "[key]")
     ctx = err.get("ctx") or {}
     key = at = ".".join(loc)
     if err["type"] == "pipe_spec":  # spec.keyed_error: a key relative to the model that raised it
         key = ".".join(p for p in (key, ctx["key"]) if p)
         at = ".".join(p for p in (at, ctx["at"]) if p)
-    return SpecError(source.path, source.line_of(at) or 1, key or "(top level)", _problem(err, loc))
+    line = source.line_of(at)
+    return (line is None, line or 0), SpecError(source.path, line or 1, key or "(top level)", _problem(err, loc))
 
 
 def _problem(err: ErrorDetails, loc: tuple[str, ...]) -> str:
