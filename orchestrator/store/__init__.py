@@ -1,4 +1,5 @@
-"""Run history (SQLAlchemy): `store.Store` is the API, `records` the values it returns.
+"""Run history over SQLAlchemy: `Store` is the API; `records` holds the frozen values it returns."""
 
-This file imports nothing, so that `orchestrator.store.records` can be imported without loading SQLAlchemy.
-"""
+from orchestrator.store.store import Store
+
+__all__ = ["Store"]

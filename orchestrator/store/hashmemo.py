@@ -11,13 +11,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Executable
 
+from orchestrator.hashing import StatKey
 from orchestrator.store.models import FileHashRow
 
-StatKey = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns), as in orchestrator.hashing
 FLUSH_CHUNK = 500  # rows per INSERT statement; SQLite caps the variables of one statement
 
 _INT64 = 1 << 63
@@ -85,6 +85,8 @@ def _upsert(session: Session, chunk: list[tuple[str, tuple[StatKey, str]]]) -> E
              "mtime_ns": key[3], "digest": digest} for path, (key, digest) in chunk]
     columns = ("dev", "ino", "size", "mtime_ns", "digest")
     if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql  # ~0.1 s to import: only when the database is PostgreSQL
+
         pg = postgresql.insert(FileHashRow).values(rows)
         return pg.on_conflict_do_update(index_elements=["path"], set_={c: pg.excluded[c] for c in columns})
     lite = sqlite.insert(FileHashRow).values(rows)

@@ -52,7 +52,7 @@ _run = Table(
     Column("pid", Integer, nullable=False),
     Column("exit_code", Integer),
     Column("params_override", JSON, nullable=False),
-    Index("ix_run_pipeline_started", "pipeline", "started_at"),
+    Index("ix_run_pipeline_started", "pipeline", "started_at", "id"),
     Index("ix_run_status", "status"),
 )
 _stage_run = Table(

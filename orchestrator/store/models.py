@@ -73,7 +73,7 @@ class Base(DeclarativeBase):
 class RunRow(Base):
     __tablename__ = "run"
     __table_args__ = (
-        Index("ix_run_pipeline_started", "pipeline", "started_at"),  # pipe status, pipe runs
+        Index("ix_run_pipeline_started", "pipeline", "started_at", "id"),  # pipe status, pipe runs (newest first)
         Index("ix_run_status", "status"),  # running runs, to find interrupted ones
     )
 

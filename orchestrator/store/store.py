@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.sql import Select
 
 from orchestrator.errors import NotFound, StoreError
+from orchestrator.hashing import HashMemo
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
 from orchestrator.store.db import WRITE, describe, one_line, open_engine
 from orchestrator.store.hashmemo import SqlHashMemo
@@ -144,7 +145,7 @@ class Store:
             session.add(TickRow(pipeline=pipeline, due_at=due_at, action=action, reason=reason, run_id=run_id,
                                 recorded_at=_now()))
 
-    def hash_memo(self) -> SqlHashMemo:
+    def hash_memo(self) -> HashMemo:
         """A HashMemo (orchestrator.hashing) over the `file_hash` table; call its flush() when done."""
         return SqlHashMemo(self._read, self._write)
 
@@ -195,12 +196,15 @@ class Store:
     def last_success(self, pipeline: str, stage: str) -> StageRunInfo | None:
         """The latest record of `stage` that succeeded, or was cached and kept its ingredients: what a cache
         miss is explained against."""
-        query = (
-            select(StageRunRow).join(StageRunRow.run)
-            .where(RunRow.pipeline == pipeline, StageRunRow.stage == stage,
-                   or_(StageRunRow.status == StageStatus.SUCCEEDED,
-                       and_(StageRunRow.status == StageStatus.CACHED, StageRunRow.ingredients_json.is_not(None))))
-            .order_by(RunRow.started_at.desc(), StageRunRow.id.desc()).limit(1).options(*_WITH_DETAILS))
+        candidate = and_(StageRunRow.stage == stage, or_(
+            StageRunRow.status == StageStatus.SUCCEEDED,
+            and_(StageRunRow.status == StageStatus.CACHED, StageRunRow.ingredients_json.is_not(None))))
+        # Walk the pipeline's runs newest first (ix_run_pipeline_started) and probe each by (run_id, stage):
+        # stops at the first hit, where filtering stage_run by stage first would sort every record of it.
+        latest = _newest(pipeline).with_only_columns(RunRow.id) \
+            .where(select(StageRunRow.id).where(StageRunRow.run_id == RunRow.id, candidate).exists()).limit(1)
+        query = select(StageRunRow).where(StageRunRow.run_id == latest.scalar_subquery(), StageRunRow.stage == stage) \
+            .options(*_WITH_DETAILS)
         with self._read() as session:
             row = session.scalars(query).first()
             return _stage_info(row) if row else None

@@ -1,0 +1,462 @@
+"""The run history store on real databases: SQLite files in tmp_path, and PostgreSQL when
+PIPE_TEST_POSTGRES_URL names a server whose database the tests may empty (its `public` schema is recreated)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from orchestrator.errors import NotFound, StoreError
+from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
+from orchestrator.store import Store
+from orchestrator.store.migrations import SCHEMA_VERSION
+from orchestrator.store.models import Base
+
+FIXTURE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "db" / "pipe-v1.db"
+POSTGRES_URL = os.environ.get("PIPE_TEST_POSTGRES_URL")
+T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs' / 'pipe.db'}"
+    if not POSTGRES_URL:
+        pytest.skip("PIPE_TEST_POSTGRES_URL is not set")
+    _reset_postgres(POSTGRES_URL)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[Store]:
+    with Store(url) as opened:
+        yield opened
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def begin(store: Store, pipeline: str = "iris", trigger: Any = "manual") -> str:
+    return store.begin_run(pipeline, f"/srv/{pipeline}/pipeline.yaml", "f00d", trigger, "abc1234", "host-1",
+                           4242, {"train.n_estimators": 300})
+
+
+def result(stage: str, status: StageStatus = StageStatus.SUCCEEDED, **fields: Any) -> StageResult:
+    fields.setdefault("started_at", T0)
+    fields.setdefault("finished_at", T0 + timedelta(seconds=90))
+    return StageResult(stage=stage, status=status, **fields)
+
+
+def test_run_round_trips_with_stages_artifacts_and_metrics(store: Store) -> None:
+    run_id = begin(store)
+    store.mark_stage_running(run_id, "train", 1, T0, log_path="runs/x/train.log")
+    running = store.get_run(run_id, "iris").stage("train")
+    assert running is not None and running.status is None and running.to_json()["status"] == "running"
+    assert running.log_path == "runs/x/train.log"
+
+    store.record_stage(run_id, result(
+        "train", exit_code=0, attempts=2, cache_key="k-train", image_id="sha256:bb", peak_memory_bytes=2**33,
+        cpu_seconds=88.5, outputs_path="runs/x/train", outputs_digest="d-out",
+        artifacts=(Artifact("model.joblib", 1024, "d-model"), Artifact("card.json", 10, "d-card")),
+        metrics={"r2": 0.46, "mae": 12.5}), ingredients_json='{"params": {"n": 300}}', user="1000:1000",
+        hermetic=False, gate_passed=True)
+    store.record_stage(run_id, result("predict", StageStatus.SKIPPED, reason="upstream evaluate failed",
+                                      started_at=None, finished_at=None))
+    store.finish_run(run_id, RunStatus.FAILED, 1)
+
+    run = store.get_run(run_id, "iris")
+    assert (run.pipeline, run.trigger, run.status, run.exit_code) == ("iris", "manual", RunStatus.FAILED, 1)
+    assert run.params_override == {"train.n_estimators": 300} and run.git_commit == "abc1234"
+    assert run.started_at.tzinfo is not None and run.finished_at is not None and run.duration_s is not None
+    assert [s.stage for s in run.stages] == ["train", "predict"]
+    train = run.stage("train")
+    assert train is not None
+    assert (train.status, train.attempts, train.exit_code, train.cache_key) == (StageStatus.SUCCEEDED, 2, 0, "k-train")
+    assert train.started_at == T0 and train.duration_s == 90.0 and train.log_path == "runs/x/train.log"
+    assert train.peak_memory_bytes == 2**33 and train.cpu_seconds == 88.5
+    assert (train.user, train.hermetic, train.gate_passed) == ("1000:1000", False, True)
+    assert set(train.artifacts) == {Artifact("model.joblib", 1024, "d-model"), Artifact("card.json", 10, "d-card")}
+    assert train.metrics == {"r2": 0.46, "mae": 12.5}
+    predict = run.stage("predict")
+    assert predict is not None and predict.status is StageStatus.SKIPPED and predict.duration_s is None
+
+    as_json = run.to_json()
+    assert as_json["status"] == "failed" and as_json["started_at"].endswith("Z")
+    assert as_json["stages"][0]["ingredients"] == {"params": {"n": 300}}
+    assert as_json["stages"][0]["finished_at"] == "2026-11-21T23:01:30.000Z"
+
+
+def test_record_stage_replaces_an_earlier_attempt(store: Store) -> None:
+    run_id = begin(store)
+    store.record_stage(run_id, result("train", StageStatus.FAILED, attempts=1, metrics={"r2": 0.1},
+                                      artifacts=(Artifact("a", 1, "x"),)))
+    store.record_stage(run_id, result("train", attempts=2, metrics={"r2": 0.5}))
+    run = store.get_run(run_id, "iris")
+    assert len(run.stages) == 1
+    train = run.stages[0]
+    assert (train.status, train.attempts, train.metrics, train.artifacts) == (StageStatus.SUCCEEDED, 2,
+                                                                               {"r2": 0.5}, ())
+
+
+def test_latest_and_list_filter_by_pipeline_status_and_trigger(store: Store) -> None:
+    assert store.latest_run("iris") is None
+    first = begin(store)
+    store.finish_run(first, RunStatus.SUCCEEDED, 0)
+    second = begin(store, trigger="schedule")
+    store.record_stage(second, result("data", StageStatus.FAILED, reason="exit 2", exit_code=2))
+    store.finish_run(second, RunStatus.FAILED, 1)
+    other = begin(store, pipeline="wine")
+
+    latest = store.latest_run("iris")
+    assert latest is not None and latest.id == second and latest.stages[0].reason == "exit 2"
+    assert [r.id for r in store.list_runs("iris")] == [second, first]
+    assert all(r.stages == () for r in store.list_runs("iris"))
+    assert [len(r.stages) for r in store.list_runs("iris", with_stages=True)] == [1, 0]
+    assert [r.id for r in store.list_runs("iris", status=RunStatus.SUCCEEDED)] == [first]
+    assert [r.id for r in store.list_runs("iris", trigger="schedule")] == [second]
+    assert [r.id for r in store.list_runs("iris", limit=1)] == [second]
+    assert [r.id for r in store.list_runs("wine")] == [other]
+
+
+def test_get_run_by_id_prefix_and_latest(store: Store) -> None:
+    run_id = begin(store)
+    assert store.get_run(run_id, "iris").id == run_id
+    assert store.get_run(run_id[:-1], "iris").id == run_id
+    assert store.get_run("latest", "iris").id == run_id
+    with pytest.raises(NotFound, match=r"run nope is not in the history of pipeline iris"):
+        store.get_run("nope", "iris")
+    with pytest.raises(NotFound, match=r"pipeline wine has no runs yet"):
+        store.get_run("latest", "wine")
+    with pytest.raises(NotFound):  # ids are per pipeline
+        store.get_run(run_id, "wine")
+    begin(store)
+    with pytest.raises(NotFound, match=r"run 2 matches 2 runs of pipeline iris; give more of the id"):
+        store.get_run("2", "iris")
+    with pytest.raises(NotFound):  # LIKE wildcards are plain characters
+        store.get_run("%", "iris")
+
+
+def test_run_ids_are_unique_and_sort_by_start(store: Store) -> None:
+    ids = [begin(store) for _ in range(30)]
+    assert len(set(ids)) == 30
+    assert ids == sorted(ids, key=lambda i: i[:15])
+    assert all(len(i) == 20 for i in ids)
+
+
+def test_last_success_skips_failures_and_bare_cached_records(store: Store) -> None:
+    assert store.last_success("iris", "train") is None
+    ran = begin(store)
+    store.record_stage(ran, result("train", cache_key="k1"), ingredients_json='{"v": 1}')
+    failed = begin(store)
+    store.record_stage(failed, result("train", StageStatus.FAILED, cache_key="k2"), ingredients_json='{"v": 2}')
+    bare = begin(store)
+    store.record_stage(bare, result("train", StageStatus.CACHED, cache_key="k1"))
+    found = store.last_success("iris", "train")
+    assert found is not None and found.cache_key == "k1" and found.ingredients_json == '{"v": 1}'
+
+    cached = begin(store)
+    store.record_stage(cached, result("train", StageStatus.CACHED, cache_key="k3", cached_from=ran),
+                       ingredients_json='{"v": 3}')
+    found = store.last_success("iris", "train")
+    assert found is not None and (found.cache_key, found.cached_from) == ("k3", ran)
+    assert store.last_success("wine", "train") is None
+
+
+def test_mark_interrupted_fails_running_stages_only(store: Store) -> None:
+    run_id = begin(store)
+    store.record_stage(run_id, result("data"))
+    store.mark_stage_running(run_id, "train", 1, T0)
+    assert [r.id for r in store.running_runs("iris")] == [run_id]
+
+    assert store.mark_interrupted(run_id) is True
+    run = store.get_run(run_id, "iris")
+    assert run.status is RunStatus.INTERRUPTED and run.finished_at is not None
+    data, train = run.stage("data"), run.stage("train")
+    assert data is not None and data.status is StageStatus.SUCCEEDED and data.reason == ""
+    assert train is not None and (train.status, train.reason) == (StageStatus.FAILED, "interrupted")
+    assert train.finished_at is not None
+    assert store.running_runs("iris") == []
+    assert store.mark_interrupted(run_id) is False  # already finished: nothing changes
+
+
+def test_unknown_run_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.finish_run("20200101-000000-0000", RunStatus.SUCCEEDED, 0)
+    with pytest.raises(NotFound):
+        store.record_stage("20200101-000000-0000", result("data"))
+
+
+def test_metric_history_and_last_gate_pass(store: Store) -> None:
+    assert store.last_gate_pass("iris", "evaluate", "r2") is None
+    passed = begin(store)
+    store.record_stage(passed, result("evaluate", metrics={"r2": 0.46, "mae": 3.0}), gate_passed=True)
+    no_metrics = begin(store)
+    store.record_stage(no_metrics, result("data"))
+    failed_gate = begin(store)
+    store.record_stage(failed_gate, result("evaluate", StageStatus.FAILED, metrics={"r2": 0.41}),
+                       gate_passed=False)
+
+    assert store.last_gate_pass("iris", "evaluate", "r2") == (passed, 0.46)
+    assert store.last_gate_pass("iris", "evaluate", "rmse") is None
+    history = store.metric_history("iris", limit=5)
+    assert [(p.run_id, p.name, p.value) for p in history] == [
+        (failed_gate, "r2", 0.41), (passed, "mae", 3.0), (passed, "r2", 0.46)]
+    assert [p.run_id for p in store.metric_history("iris", limit=1)] == [failed_gate]
+    assert history[0].to_json()["stage"] == "evaluate"
+
+
+def test_referenced_cache_keys_keep_recent_and_running_runs(store: Store) -> None:
+    for key in ("k1", "k2", "k3"):
+        run_id = begin(store)
+        store.record_stage(run_id, result("train", cache_key=key))
+        store.finish_run(run_id, RunStatus.SUCCEEDED, 0)
+    running = begin(store, pipeline="wine")
+    store.record_stage(running, result("data", StageStatus.CACHED, cache_key="k0"))
+
+    assert store.referenced_cache_keys(None, None) == {"k0", "k1", "k2", "k3"}
+    assert store.referenced_cache_keys(1, None) == {"k0"}  # the newest run is the running one
+    assert store.referenced_cache_keys(2, None) == {"k0", "k3"}
+    assert store.referenced_cache_keys(None, 0.0) == {"k0"}
+    assert store.referenced_cache_keys(None, 1.0) == {"k0", "k1", "k2", "k3"}
+
+
+def test_ticks_round_trip_newest_first(store: Store) -> None:
+    run_id = begin(store, trigger="schedule")
+    store.record_tick("iris", T0, "fired", "", run_id)
+    store.record_tick("iris", T0 + timedelta(hours=1), "skipped", "overlap: run still running")
+    store.record_tick("wine", T0, "coalesced", "catch-up")
+    ticks = store.ticks("iris")
+    assert [(t.action, t.run_id) for t in ticks] == [("skipped", None), ("fired", run_id)]
+    assert ticks[0].due_at == T0 + timedelta(hours=1)
+    assert ticks[0].to_json()["due_at"] == "2026-11-22T00:00:00.000Z"
+    with pytest.raises(ValueError):
+        store.record_tick("iris", T0, "dropped", "")  # type: ignore[arg-type]
+
+
+def test_hash_memo_round_trips_and_updates(url: str, store: Store) -> None:
+    big = 2**64 - 5  # st_ino can use all 64 unsigned bits
+    memo = store.hash_memo()
+    assert memo.get("/data/a", (1, 2, 3, 4)) is None
+    memo.put("/data/a", (1, 2, 3, 4), "d-a")
+    memo.put("/data/b", (1, big, 30, 40), "d-b")
+    assert memo.get("/data/a", (1, 2, 3, 4)) == "d-a"  # visible before the flush
+    memo.flush()
+    memo.flush()  # nothing pending: a no-op
+
+    with Store(url) as reopened:
+        again = reopened.hash_memo()
+        assert again.get("/data/a", (1, 2, 3, 4)) == "d-a"
+        assert again.get("/data/b", (1, big, 30, 40)) == "d-b"
+        assert again.get("/data/a", (1, 2, 3, 5)) is None  # touched: the mtime differs
+        again.put("/data/a", (1, 2, 3, 5), "d-a2")
+        again.flush()
+    with Store(url) as third:
+        assert third.hash_memo().get("/data/a", (1, 2, 3, 5)) == "d-a2"
+
+
+def test_hash_memo_flushes_many_rows_in_chunks(url: str, store: Store) -> None:
+    memo = store.hash_memo()
+    for i in range(1234):
+        memo.put(f"/data/{i}", (1, i, i, i), f"d{i}")
+    memo.flush()
+    with Store(url) as reopened:
+        again = reopened.hash_memo()
+        assert all(again.get(f"/data/{i}", (1, i, i, i)) == f"d{i}" for i in range(1234))
+
+
+def _columns_and_indexes(url: str) -> dict[str, Any]:
+    engine = create_engine(url)
+    found = inspect(engine)
+    shape = {table: ({(c["name"], c["nullable"]) for c in found.get_columns(table)},
+                     {i["name"] for i in found.get_indexes(table)}
+                     | {u["name"] for u in found.get_unique_constraints(table)})
+             for table in found.get_table_names() if table != "schema_version"}
+    engine.dispose()
+    return shape
+
+
+def test_migrations_create_what_the_models_declare(url: str, store: Store) -> None:
+    declared = {table.name: ({(c.name, c.nullable) for c in table.columns},
+                             {i.name for i in table.indexes}
+                             | {c.name for c in table.constraints if c.__class__.__name__ == "UniqueConstraint"})
+                for table in Base.metadata.sorted_tables}
+    assert _columns_and_indexes(url) == declared
+
+
+def test_schema_v1_database_opens_and_keeps_its_rows(tmp_path: Path) -> None:
+    """tests/fixtures/db/pipe-v1.db was made once by migrations step 1 (the first release's DDL) plus a few rows;
+    never regenerate it with newer code."""
+    path = tmp_path / "pipe.db"
+    shutil.copy(FIXTURE_V1, path)
+    with Store(sqlite_url(path)) as store:
+        run = store.get_run("latest", "iris")
+        assert (run.id, run.trigger, run.status, run.host) == ("20261101-030000-1a2b", "schedule",
+                                                               RunStatus.SUCCEEDED, "build-01")
+        assert run.started_at == datetime(2026, 11, 1, 3, 0, tzinfo=UTC)
+        assert run.params_override == {"train.n_estimators": 300}
+        train = run.stage("train")
+        assert train is not None and train.metrics == {"r2": 0.46} and train.gate_passed is None
+        assert train.artifacts == (Artifact("model.joblib", 1024, "d-model"),)
+        success = store.last_success("iris", "train")
+        assert success is not None and success.reason == "ran: param n_estimators 100 -> 300"
+        assert store.hash_memo().get("/srv/iris/data/raw.csv", (2049, 131, 4551, 1761960000000000000)) == "d-raw"
+        # what v2 added works on the upgraded file
+        store.record_tick("iris", T0, "fired", "", run.id)
+        assert len(store.ticks("iris")) == 1
+        new = begin(store)
+        store.record_stage(new, result("evaluate", metrics={"r2": 0.5}), gate_passed=True)
+        assert store.last_gate_pass("iris", "evaluate", "r2") == (new, 0.5)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    fresh = tmp_path / "fresh.db"
+    Store(sqlite_url(fresh)).close()
+    assert _columns_and_indexes(sqlite_url(path)) == _columns_and_indexes(sqlite_url(fresh))
+
+
+def test_newer_schema_is_refused_naming_both_versions(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.db"
+    Store(sqlite_url(path)).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 7")
+    with pytest.raises(StoreError) as caught:
+        Store(sqlite_url(path))
+    assert str(caught.value) == f"database {path} has schema v7 but this pipe knows v{SCHEMA_VERSION}; upgrade pipe"
+
+
+def test_foreign_or_damaged_database_is_a_store_error(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    with pytest.raises(StoreError, match=r"holds tables but no schema_version; it is not a pipe database"):
+        Store(sqlite_url(foreign))
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=rf"^database {garbage} cannot be opened: file is not a database$"):
+        Store(sqlite_url(garbage))
+    with pytest.raises(StoreError, match=r"uses mysql; pipe supports sqlite and postgresql"):
+        Store("mysql://u@localhost/pipe")
+
+
+def test_database_file_and_folder_are_private(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    with Store(sqlite_url(folder / "pipe.db")) as store:
+        begin(store)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert modes["pipe.db"] == 0o600 and modes["pipe.db-wal"] == 0o600, modes
+
+
+def _write_runs(url: str, name: str, count: int, start: Any, errors: Any) -> None:
+    try:
+        start.wait(30)
+        with Store(url) as store:
+            memo = store.hash_memo()
+            for i in range(count):
+                run_id = begin(store, pipeline="shared")
+                for stage in ("data", "train", "evaluate"):
+                    store.mark_stage_running(run_id, stage, 1, datetime.now(UTC))
+                    store.record_stage(run_id, result(stage, cache_key=f"{name}-{i}-{stage}",
+                                                      metrics={"r2": i / count}))
+                memo.put(f"/data/{i % 7}", (1, i, 1, 1), f"{name}-{i}")
+                memo.flush()
+                store.finish_run(run_id, RunStatus.SUCCEEDED, 0)
+    except BaseException as e:
+        errors.put(f"{name}: {type(e).__name__}: {e}")
+        raise
+
+
+def _read_runs(url: str, start: Any, writers_done: Any, errors: Any, reads: Any) -> None:
+    try:
+        start.wait(30)
+        count = 0
+        with Store(url) as store:
+            while not writers_done.is_set() or count == 0:
+                store.latest_run("shared")
+                store.list_runs("shared", limit=5)
+                store.last_success("shared", "train")
+                store.metric_history("shared", 3)
+                count += 1
+        reads.put(count)
+    except BaseException as e:
+        errors.put(f"reader: {type(e).__name__}: {e}")
+        raise
+
+
+def test_two_writer_processes_and_a_reader_neither_fail_nor_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "pipe.db"
+    url = sqlite_url(path)
+    ctx = multiprocessing.get_context("spawn")
+    start, writers_done = ctx.Event(), ctx.Event()
+    errors, reads = ctx.Queue(), ctx.Queue()
+    count = 20
+    writers = [ctx.Process(target=_write_runs, args=(url, name, count, start, errors)) for name in ("a", "b")]
+    reader = ctx.Process(target=_read_runs, args=(url, start, writers_done, errors, reads))
+    for process in (*writers, reader):
+        process.start()
+    start.set()
+    for process in writers:
+        process.join(120)
+    writers_done.set()
+    reader.join(60)
+    problems = [errors.get() for _ in range(errors.qsize())]
+    assert problems == []
+    assert [p.exitcode for p in (*writers, reader)] == [0, 0, 0]
+    assert reads.get(timeout=5) > 0
+
+    with Store(url) as store:
+        runs = store.list_runs("shared", limit=1000, with_stages=True)
+        assert len(runs) == 2 * count and len({r.id for r in runs}) == 2 * count
+        assert all(r.status is RunStatus.SUCCEEDED and len(r.stages) == 3 for r in runs)
+        assert len(store.referenced_cache_keys(None, None)) == 2 * count * 3
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def _begin_and_hang(url: str, ready: Any) -> None:
+    with Store(url) as store:
+        run_id = begin(store)
+        store.mark_stage_running(run_id, "train", 1, datetime.now(UTC))
+        ready.put(run_id)
+        while True:
+            time.sleep(1)  # until SIGKILL
+
+
+def test_run_of_a_killed_process_is_found_running_and_marked_interrupted(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "pipe.db")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    process = ctx.Process(target=_begin_and_hang, args=(url, ready))
+    process.start()
+    run_id = ready.get(timeout=60)
+    os.kill(process.pid or 0, signal.SIGKILL)
+    process.join(30)
+    assert process.exitcode == -signal.SIGKILL
+
+    with Store(url) as store:
+        running = store.running_runs("iris")
+        assert [r.id for r in running] == [run_id]
+        assert store.mark_interrupted(run_id)
+        train = store.get_run(run_id, "iris").stage("train")
+        assert train is not None and (train.status, train.reason) == (StageStatus.FAILED, "interrupted")
