@@ -159,7 +159,7 @@ def _read_text(path: Path) -> str:
 class _Frame:
     """A mapping or list being built, with its dotted key and what aliases expand it to."""
 
-    __slots__ = ("anchor", "key", "merge_line", "merges", "path", "size", "value")
+    __slots__ = ("anchor", "key", "merge_line", "merges", "merging", "path", "size", "value")
 
     def __init__(self, value: dict[str, Any] | list[Any], path: str, anchor: str | None) -> None:
         self.value = value
@@ -167,11 +167,9 @@ class _Frame:
         self.anchor = anchor
         self.size = 1  # values inside once aliases are expanded, this one included
         self.key: str | None = None  # a mapping's key waiting for its value
-        self.merges: list[Any] = []  # values of a `<<` key, merged when the mapping ends
+        self.merging = False  # a `<<` key waits for its value
+        self.merges: list[Any] = []  # values of the `<<` key, merged when the mapping ends
         self.merge_line = 0
-
-
-_MERGE_KEY = "<<"
 
 
 class _Builder:
@@ -223,12 +221,19 @@ class _Builder:
     def _fail(self, key: str, line: int, problem: str) -> typing.NoReturn:
         raise SpecError(self.file, line, key or "(top level)", problem)
 
+    def _at_key(self) -> bool:
+        """Whether the next value is a mapping's key."""
+        top = self.stack[-1] if self.stack else None
+        return top is not None and top.key is None and not top.merging and type(top.value) is dict
+
     def _child_path(self) -> str:
         if not self.stack:
             return ""
         top = self.stack[-1]
         if isinstance(top.value, list):
             return f"{top.path}.{len(top.value)}" if top.path else str(len(top.value))
+        if top.merging:
+            return f"{top.path}.<<" if top.path else "<<"
         if top.key is None:  # the child is a key
             return top.path
         return f"{top.path}.{top.key}" if top.path else top.key
@@ -247,7 +252,7 @@ class _Builder:
             tag = _STR
         elif tag not in _SCALAR_TAGS:
             self._fail(self._child_path(), _line(event), _tag_problem(tag))
-        if self.stack and self.stack[-1].key is None and type(self.stack[-1].value) is dict:
+        if self._at_key():
             self._key(text, tag, _line(event), event.anchor)
             return
         if tag == _MERGE:
@@ -263,7 +268,7 @@ class _Builder:
         if tag == _MERGE:
             if top.merge_line:
                 self._fail(top.path, line, f"duplicate key '<<' (first on line {top.merge_line})")
-            top.key, top.merge_line = _MERGE_KEY, line
+            top.merging, top.merge_line = True, line
             return
         if tag != _STR:
             kind = {_INT: "a number", _FLOAT: "a number", _BOOL: "true or false", _NULL: "null"}.get(tag, tag)
@@ -297,7 +302,7 @@ class _Builder:
         is_mapping = isinstance(event, MappingStartEvent)
         if event.tag not in (None, "!", _TAG + ("map" if is_mapping else "seq")):
             self._fail(self._child_path(), line, _tag_problem(event.tag))
-        if self.stack and isinstance(self.stack[-1].value, dict) and self.stack[-1].key is None:
+        if self._at_key():
             self._fail(self.stack[-1].path, line, "a key must be a plain string, not a mapping or a list")
         if len(self.stack) >= MAX_DEPTH:
             self._fail(self._child_path(), line, f"nested more than {MAX_DEPTH} levels deep")
@@ -336,7 +341,7 @@ class _Builder:
             problem = "refers to itself" if recursive else "is not defined above"
             self._fail(self._child_path(), line, f"alias *{anchor} {problem}")
         value, size = self.anchors[anchor]
-        if self.stack and isinstance(self.stack[-1].value, dict) and self.stack[-1].key is None:
+        if self._at_key():
             if not isinstance(value, str):
                 self._fail(self.stack[-1].path, line, "a key must be a plain string, not a mapping or a list")
             self._key(value, _STR, line, None)
@@ -356,9 +361,9 @@ class _Builder:
             if line is not None:
                 self.lines[f"{top.path}.{len(top.value)}" if top.path else str(len(top.value))] = line
             top.value.append(value)
-        elif top.key == _MERGE_KEY and top.merge_line:
+        elif top.merging:
             top.merges.append(value)
-            top.key = None
+            top.merging = False
         else:
             assert top.key is not None
             top.value[top.key] = value

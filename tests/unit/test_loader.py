@@ -859,27 +859,40 @@ def test_params_keep_yaml_types_but_dates_stay_strings(make_pipeline: MakePipeli
 
 
 def test_merge_keys_share_settings_and_written_keys_win(make_pipeline: MakePipeline) -> None:
-    path = make_pipeline(text("""
-        x-common: &common
-          image: busybox
-          resources: {memory: 1g}
+    pipeline = load_pipeline(make_pipeline(text("""
         stages:
-          data:
-            <<: *common
+          data: &common
+            image: busybox
+            resources: {memory: 1g}
           train:
             <<: *common
             image: trainer
             needs: [data]
-        """))
-    with pytest.raises(SpecError, match=r":1: x-common: unknown key"):
-        load_pipeline(path)  # a top-level anchor holder is still an unknown key: the schema is closed
-    path.write_text(path.read_text().replace("x-common: &common\n  image: busybox\n  resources: {memory: 1g}\n", "")
-                    .replace("  data:\n    <<: *common\n", "  data: &common\n    image: busybox\n"
-                             "    resources: {memory: 1g}\n"))
-    pipeline = load_pipeline(path)
-    assert pipeline.stages["train"].image == "trainer"
-    assert pipeline.stages["train"].resources.memory == 1024**3
-    assert pipeline.source.line_of("stages.train.resources") == 6  # the `<<` line
+        """)))
+    train = pipeline.stages["train"]
+    assert (train.image, train.resources.memory, train.needs) == ("trainer", 1024**3, ("data",))
+    assert pipeline.source.line_of("stages.train.resources") == 6  # a merged key is on the `<<` line
+    assert pipeline.source.line_of("stages.train.image") == 7
+
+
+def test_merge_of_something_that_is_not_a_mapping(make_pipeline: MakePipeline) -> None:
+    message = error_of(make_pipeline, """
+        stages:
+          data:
+            <<: 3
+            image: busybox
+        """)
+    assert message == "3: stages.data.<<: '<<' merges a mapping or a list of mappings, not 3"
+
+
+def test_quoted_merge_key_is_an_ordinary_key(make_pipeline: MakePipeline) -> None:
+    message = error_of(make_pipeline, """
+        stages:
+          data:
+            image: busybox
+            "<<": {image: other}
+        """)
+    assert message.startswith("4: stages.data.<<: unknown key")
 
 
 def test_a_byte_order_mark_is_ignored(make_pipeline: MakePipeline) -> None:
