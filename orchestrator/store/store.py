@@ -94,6 +94,7 @@ class Store:
             row.status, row.reason, row.exit_code, row.attempts = None, "", None, attempt
             row.started_at, row.finished_at, row.duration_s = started_at, None, None
             row.log_path = log_path or row.log_path
+            row.artifacts, row.metrics = [], []  # a retry starts clean
 
     def record_stage(self, run_id: str, result: StageResult, *, ingredients_json: str | None = None,
                      user: str | None = None, hermetic: bool = True, gate_passed: bool | None = None) -> None:

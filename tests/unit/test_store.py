@@ -11,6 +11,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,9 @@ def test_record_stage_replaces_an_earlier_attempt(store: Store) -> None:
     run_id = begin(store)
     store.record_stage(run_id, result("train", StageStatus.FAILED, attempts=1, metrics={"r2": 0.1},
                                       artifacts=(Artifact("a", 1, "x"),)))
+    store.mark_stage_running(run_id, "train", 2, T0)
+    retrying = store.get_run(run_id, "iris").stages[0]
+    assert (retrying.status, retrying.attempts, retrying.metrics, retrying.artifacts) == (None, 2, {}, ())
     store.record_stage(run_id, result("train", attempts=2, metrics={"r2": 0.5}))
     run = store.get_run(run_id, "iris")
     assert len(run.stages) == 1
@@ -283,6 +287,21 @@ def test_hash_memo_flushes_many_rows_in_chunks(url: str, store: Store) -> None:
     with Store(url) as reopened:
         again = reopened.hash_memo()
         assert all(again.get(f"/data/{i}", (1, i, i, i)) == f"d{i}" for i in range(1234))
+
+
+def test_stages_recorded_from_parallel_threads(store: Store) -> None:
+    run_id = begin(store)
+    stages = [f"s{i}" for i in range(8)]
+
+    def run_stage(stage: str) -> None:  # what parallel.execute does with --jobs 8
+        store.mark_stage_running(run_id, stage, 1, T0)
+        store.record_stage(run_id, result(stage, metrics={"m": 1.0}))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(run_stage, stages))
+    run = store.get_run(run_id, "iris")
+    assert sorted(s.stage for s in run.stages) == stages
+    assert all(s.status is StageStatus.SUCCEEDED and s.metrics == {"m": 1.0} for s in run.stages)
 
 
 def _columns_and_indexes(url: str) -> dict[str, Any]:
