@@ -110,6 +110,11 @@ def test_croniter_alone_fires_a_repeated_time_twice_which_is_why_cron_py_maps_wa
     assert hhmm([fall.get_next(datetime).astimezone(UTC) for _ in range(2)]) == ["10-25 00:30", "10-25 01:30"]
     spring = croniter("30 2 * * *", at(2026, 3, 28, 12).astimezone(berlin))
     assert hhmm([spring.get_next(datetime).astimezone(UTC)]) == ["03-29 01:00"]  # agrees with the rule
+    new_york = ZoneInfo(NEW_YORK)
+    fall = croniter("30 1 * * *", at(2026, 10, 31, 12).astimezone(new_york))
+    assert hhmm([fall.get_next(datetime).astimezone(UTC) for _ in range(2)]) == ["11-01 05:30", "11-01 06:30"]
+    spring = croniter("30 2 * * *", at(2026, 3, 7, 12).astimezone(new_york))
+    assert hhmm([spring.get_next(datetime).astimezone(UTC)]) == ["03-08 07:00"]
 
 
 def test_a_year_of_the_two_oclock_hour_in_berlin_is_strictly_increasing_and_loses_only_a_skipped_tick() -> None:
