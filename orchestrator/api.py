@@ -40,8 +40,8 @@ class Target:
 
 @dataclass(frozen=True)
 class RunRequest:
-    target: Target = Target()
-    selection: Selection = Selection()
+    target: Target = field(default_factory=Target)
+    selection: Selection = field(default_factory=Selection)
     jobs: int | None = None
     keep_going: bool = False
     force: frozenset[str] | bool = False  # True: every stage

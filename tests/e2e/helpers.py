@@ -18,7 +18,7 @@ def pipe(*args: str | Path, cwd: Path | None = None, timeout: float = 300, env: 
          ) -> subprocess.CompletedProcess[str]:
     """Run `pipe ARGS` to its end (not on a terminal: plain lines)."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "orchestrator", *map(str, args)], cwd=cwd, capture_output=True, text=True, check=False,
         timeout=timeout, env={**os.environ, **(env or {})},
     )
 
