@@ -32,8 +32,8 @@ GRACE = timedelta(seconds=60)  # a tick this late still fires with catchup: fals
 MISSED = "missed while the scheduler was down (catchup: false)"
 TRIGGER = "schedule"  # what `pipe run --trigger` records for a scheduled run
 
-# Five standard fields: numbers or three-letter names, ranges, steps, lists. croniter also takes seconds, L, W,
-# # and ?, which Debian's cron rejects; a schedule must mean the same under `pipe scheduler` and under cron.
+# Five standard fields: numbers or three-letter names, ranges, steps, lists. croniter also takes seconds,
+# L, W, # and ?, which Debian's cron rejects; a schedule must mean the same under `pipe scheduler` and cron.
 _ATOM = r"(?:[0-9]+|[A-Za-z]{3})"
 _ITEM = rf"(?:\*|{_ATOM}(?:-{_ATOM})?)(?:/[0-9]+)?"
 _FIELD = re.compile(rf"{_ITEM}(?:,{_ITEM})*")
@@ -48,7 +48,8 @@ def schedule_problem(cron: str, timezone: str) -> tuple[str, str] | None:
     fields = cron.split()
     standard = cron.strip() in NICKNAMES or (len(fields) == 5 and all(_FIELD.fullmatch(f) for f in fields))
     if not standard or not croniter.is_valid(cron):
-        return "cron", f"not a valid cron expression: {cron!r} (five fields such as '0 3 * * 1-5', or @daily, @hourly)"
+        return "cron", (f"not a valid cron expression: {cron!r} "
+                        "(five fields such as '0 3 * * 1-5', or @daily, @hourly)")
     try:
         croniter(cron, datetime(2000, 1, 1)).get_next(datetime)
     except CroniterBadDateError:
@@ -164,7 +165,7 @@ def _to_utc(local: datetime, zone: ZoneInfo) -> datetime:
 
 @dataclass(frozen=True)
 class CrontabEntry:
-    marker: str  # "# pipe:<abs pipeline path>", ending each of the entry's lines; uninstall removes exactly them
+    marker: str  # "# pipe:<abs pipeline path>" ends each of the entry's lines; uninstall removes exactly them
     text: str  # a comment line and the job line, each ending in a newline
     warning: str | None  # set when cron would read the fields in a time zone other than the schedule's
 
@@ -197,7 +198,8 @@ def crontab_line(pipeline_path: Path, schedule: Schedule, pipe_executable: str, 
     assignments = "".join(f"{name}={q(value)} " for name, value in env.items())
     command = (
         f"mkdir -p -m 700 {q(str(state_dir))} && cd {q(str(pipeline_path.parent))} && "
-        f"{assignments}{q(pipe_executable)} run {q(str(pipeline_path))} --trigger {TRIGGER} >> {q(str(log))} 2>&1; "
+        f"{assignments}{q(pipe_executable)} run {q(str(pipeline_path))} --trigger {TRIGGER} "
+        f">> {q(str(log))} 2>&1; "
         f"rc=$?; [ $rc -eq 0 ] || [ $rc -eq {int(ExitCode.LOCKED)} ] || "
         f"echo {q(f'pipe: the scheduled run of {pipeline_path} exited')} \"$rc;\" see {q(str(log))}"
     )

@@ -68,10 +68,10 @@ class Scheduler:
     """Fires scheduled runs of some pipelines until `stop` is set.
 
     Reading order: run_forever → step (reload changed files → collect finished runs → due ticks → overlap
-    policy → start a worker) → shut_down. Every tick ends in exactly one `record_tick` call, always made on the
-    thread that calls step, so history accounts for each one: fired (when its run returns), skipped or
-    coalesced. A run that fails or raises is logged and recorded; the loop goes on. A file that becomes invalid
-    logs its SpecError and keeps its previous schedule.
+    policy → start a worker) → shut_down. Every tick ends in exactly one `record_tick` call, always made on
+    the thread that calls step, so history accounts for each one: fired (when its run returns), skipped or
+    coalesced. A run that fails or raises is logged and recorded; the loop goes on. A file that becomes
+    invalid logs its SpecError and keeps its previous schedule.
     """
 
     def __init__(
@@ -99,7 +99,8 @@ class Scheduler:
             seen = _identity(path)
             pipeline = load(path)
             if pipeline.schedule is None:
-                raise UsageError(f"{path} has no `schedule:`; add one (cron:, timezone:) to run it with `pipe scheduler`")
+                raise UsageError(f"{path} has no `schedule:`; add one (cron:, timezone:) to run it with "
+                                 "`pipe scheduler`")
             if (other := names.setdefault(pipeline.display_name, path)) != path:
                 raise UsageError(f"{other} and {path} are both named {pipeline.display_name!r}; set `name:`")
             self._entries[path] = _Entry(path, pipeline, seen, last_tick(pipeline.display_name))
@@ -126,7 +127,8 @@ class Scheduler:
                     else:
                         self._record(entry, tick.due_at, "skipped" if tick.action == "skip" else "coalesced",
                                      tick.reason or "")
-            entry.cursor = max(now, entry.cursor) if entry.cursor else now  # a clock set back fires nothing twice
+            # max: a clock set back does not fire a tick twice
+            entry.cursor = max(now, entry.cursor) if entry.cursor else now
         upcoming = [cron.next_fire_times(e.pipeline.schedule, now, 1)[0] - now
                     for e in self._entries.values() if e.pipeline.schedule is not None]
         return max(0.0, min([self._poll_s, *(d.total_seconds() for d in upcoming)]))
@@ -135,7 +137,8 @@ class Scheduler:
         """Records queued ticks as skipped, finishes or cancels the running runs, and records them."""
         for entry in self._entries.values():
             if entry.queued is not None:
-                self._record(entry, entry.queued, "skipped", "the scheduler stopped before the queued run started")
+                self._record(entry, entry.queued, "skipped",
+                             "the scheduler stopped before the queued run started")
                 entry.queued = None
             if entry.job is not None and self._on_stop == "cancel":
                 self._cancel(entry.job, "cancelled: the scheduler stopped (on_stop: cancel)")
@@ -158,8 +161,8 @@ class Scheduler:
             self._record(entry, due_at, "skipped",
                          f"previous run (tick at {iso(job.due_at)}) still running (overlap: skip)")
         elif schedule.overlap == "queue" and entry.queued is not None:
-            self._record(entry, due_at, "coalesced",
-                         f"coalesced into the queued run for the tick at {iso(entry.queued)} (overlap: queue)")
+            self._record(entry, due_at, "coalesced", f"coalesced into the queued run for the tick at "
+                                                     f"{iso(entry.queued)} (overlap: queue)")
         else:  # queue, or cancel-running: the new run starts once the old one has ended and released its lock
             if schedule.overlap == "cancel-running":
                 self._cancel(job, f"cancelled by the tick at {iso(due_at)} (overlap: cancel-running)")
@@ -192,7 +195,7 @@ class Scheduler:
             self._done.put(_Finished(path, outcome, error))
 
     def _collect(self) -> None:
-        """Records every run that ended, and starts the tick queued behind it (not while shutting down)."""
+        """Records every run that ended and starts the tick queued behind it (shut_down empties the queue)."""
         while True:
             try:
                 finished = self._done.get_nowait()
@@ -205,9 +208,10 @@ class Scheduler:
             entry.job = None
             status, reason = _judge(finished, job.cancel_reason)
             name = entry.pipeline.display_name
-            if status != "fired" or reason != SUCCEEDED:
+            if status == "fired" and reason != SUCCEEDED:
                 log.warning("%s: tick at %s: %s", name, iso(job.due_at), reason)
-            self._record(entry, job.due_at, status, reason, finished.outcome.run_id if finished.outcome is not None else None)
+            run_id = finished.outcome.run_id if finished.outcome is not None else None
+            self._record(entry, job.due_at, status, reason, run_id)
             if entry.queued is not None:
                 due_at, entry.queued = entry.queued, None
                 self._start(entry, due_at)
@@ -228,7 +232,8 @@ class Scheduler:
             return
         entry.pipeline = pipeline
         if pipeline.schedule is None:
-            log.warning("%s: %s has no `schedule:` any more; nothing fires until it has one", name, entry.path)
+            log.warning("%s: %s has no `schedule:` any more; nothing fires until it has one",
+                        name, entry.path)
         else:
             log.info("%s: reloaded %s: %r in %s", name, entry.path, *_cron_and_zone(pipeline))
 
@@ -294,7 +299,7 @@ def read_crontab(crontab: Sequence[str] = ("crontab",)) -> str:
 
 
 def install_crontab(entry: CrontabEntry, *, apply: bool, crontab: Sequence[str] = ("crontab",)) -> str:
-    """The user's crontab with the entry in place of the pipeline's earlier lines; written only with `apply`."""
+    """The crontab with the entry instead of the pipeline's earlier lines; written only with `apply`."""
     table = cron.with_entry(read_crontab(crontab), entry)
     if apply:
         _write_crontab(table, crontab)
@@ -314,12 +319,14 @@ def uninstall_crontab(marker: str, *, crontab: Sequence[str] = ("crontab",)) -> 
 def _write_crontab(table: str, crontab: Sequence[str]) -> None:
     done = _crontab(crontab, "-", stdin=table)
     if done.returncode != 0:
-        raise CrontabError(f"crontab refused the new table: {done.stderr.strip() or f'exit {done.returncode}'}")
+        problem = done.stderr.strip() or f"exit code {done.returncode}"
+        raise CrontabError(f"crontab refused the new table: {problem}")
 
 
 def _crontab(crontab: Sequence[str], arg: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run([*crontab, arg], input=stdin, check=False, capture_output=True, text=True, timeout=30)
+        return subprocess.run([*crontab, arg], input=stdin, check=False, capture_output=True, text=True,
+                              timeout=30)
     except FileNotFoundError as e:
         raise CrontabError(f"{crontab[0]} not found: install cron (Debian: apt-get install cron)") from e
     except subprocess.TimeoutExpired as e:

@@ -1,4 +1,4 @@
-"""The scheduler loop with a fake clock and a fake run, real pipeline files and the real loader; crontab edits."""
+"""The scheduler loop with a fake clock and fake runs over real pipeline files; crontab install/uninstall."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def write_pipeline(path: Path, cron: str = "* * * * *", overlap: str = "skip", c
                    name: str = "demo") -> None:
     """Writes the file so that its (mtime, size, inode) changes even within one mtime tick."""
     text = (f"name: {name}\nstages:\n  a: {{image: 'pipe-busybox:latest', command: 'true'}}\n"
-            f"schedule: {{cron: '{cron}', timezone: UTC, overlap: {overlap}, catchup: {str(catchup).lower()}}}\n")
+            f"schedule: {{cron: '{cron}', timezone: UTC, overlap: {overlap}, "
+            f"catchup: {str(catchup).lower()}}}\n")
     if path.exists():
         old = path.stat()
         path.write_text(text + "#" * (old.st_size % 7 + 1) + "\n")
@@ -133,8 +134,8 @@ def test_fires_at_each_tick_and_records_the_run(tmp_path: Path) -> None:
     h.at(minute(0, 40))
     h.at(minute(1, 1))
     h.recorded(2)
-    assert h.records == [("demo", minute(0), "fired", SUCCEEDED, "run-1"), ("demo", minute(1), "fired", SUCCEEDED,
-                                                                           "run-2")]
+    assert h.records == [("demo", minute(0), "fired", SUCCEEDED, "run-1"),
+                         ("demo", minute(1), "fired", SUCCEEDED, "run-2")]
     assert h.run.calls == [(h.path, "schedule")] * 2
 
 
@@ -144,7 +145,8 @@ def test_step_says_how_long_to_wait_for_the_next_tick_at_most_poll_s(tmp_path: P
     assert h.at(minute(30)) == pytest.approx(0.002)
 
 
-def test_survives_a_failing_run_and_a_run_that_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_survives_a_failing_run_and_a_run_that_raises(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     h = Harness(tmp_path, FakeRun(1, RuntimeError("engine on fire"), 0))
     for n in range(3):
         h.at(minute(n, 1))
@@ -200,14 +202,14 @@ def test_overlap_skip_records_the_tick_that_came_while_running(tmp_path: Path) -
     assert len(h.run.calls) == 1
 
 
-def test_overlap_queue_runs_one_queued_tick_after_the_running_one_and_coalesces_the_rest(tmp_path: Path) -> None:
+def test_overlap_queue_runs_one_queued_tick_after_the_running_one_and_coalesces_more(tmp_path: Path) -> None:
     h = Harness(tmp_path, FakeRun(0, hold=True), overlap="queue")
     h.at(minute(0, 1))
     h.started(1)
     h.at(minute(1, 1))
     h.at(minute(2, 1))
-    assert h.records == [("demo", minute(2), "coalesced",
-                          "coalesced into the queued run for the tick at 2026-01-01T10:01:00Z (overlap: queue)", None)]
+    reason = "coalesced into the queued run for the tick at 2026-01-01T10:01:00Z (overlap: queue)"
+    assert h.records == [("demo", minute(2), "coalesced", reason, None)]
     assert len(h.run.calls) == 1
     h.run.release.set()
     h.recorded(3)
@@ -242,7 +244,7 @@ def test_catchup_after_downtime_fires_once_for_the_missed_ticks(tmp_path: Path) 
 def test_without_catchup_missed_ticks_are_recorded_as_skipped_and_nothing_runs(tmp_path: Path) -> None:
     h = Harness(tmp_path, FakeRun(0), cron="0 * * * *", last=minute(-5 * 60))
     h.at(minute(-30))
-    assert [(r[1].hour, r[2], r[3]) for r in h.records] == [(hour, "skipped", MISSED) for hour in (6, 7, 8, 9)]
+    assert [(r[1].hour, r[2], r[3]) for r in h.records] == [(hr, "skipped", MISSED) for hr in (6, 7, 8, 9)]
     assert h.run.calls == []
 
 
@@ -272,7 +274,8 @@ def test_stop_with_on_stop_cancel_cancels_the_running_run_and_skips_the_queued_t
     assert h.run.cancels[0].is_set()
     assert h.records == [
         ("demo", minute(1), "skipped", "the scheduler stopped before the queued run started", None),
-        ("demo", minute(0), "fired", "cancelled: the scheduler stopped (on_stop: cancel); exit code 130", "run-1")]
+        ("demo", minute(0), "fired", "cancelled: the scheduler stopped (on_stop: cancel); exit code 130",
+         "run-1")]
     assert len(h.run.calls) == 1
 
 
@@ -296,13 +299,14 @@ def test_a_file_without_schedule_or_with_errors_is_refused_at_start(tmp_path: Pa
     with pytest.raises(UsageError, match="has no `schedule:`"):
         Scheduler([path], load=load_pipeline, run=FakeRun(), record_tick=lambda *a: None,
                   last_tick=lambda n: None, clock=FakeClock(T0), stop=threading.Event())
-    path.write_text("stages:\n  a: {image: x, command: 'true'}\nschedule: {cron: '0 3 * * *', timezone: Mars/Base}\n")
+    path.write_text("stages:\n  a: {image: x, command: 'true'}\n"
+                    "schedule: {cron: '0 3 * * *', timezone: Mars/Base}\n")
     with pytest.raises(SpecError, match=r":3: schedule.timezone: unknown time zone 'Mars/Base'"):
         Scheduler([path], load=load_pipeline, run=FakeRun(), record_tick=lambda *a: None,
                   last_tick=lambda n: None, clock=FakeClock(T0), stop=threading.Event())
 
 
-# --- crontab install / uninstall, through a fake `crontab` command that keeps the table in a file --------------
+# --- crontab install / uninstall, through a fake `crontab` command that keeps the table in a file -----------
 
 
 @pytest.fixture
