@@ -139,6 +139,16 @@ def test_fires_at_each_tick_and_records_the_run(tmp_path: Path) -> None:
     assert h.run.calls == [(h.path, "schedule")] * 2
 
 
+def test_a_clock_set_back_does_not_fire_a_tick_twice(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeRun(0))
+    h.at(minute(0, 5))
+    h.recorded(1)
+    h.at(minute(0) - timedelta(seconds=30))
+    h.at(minute(0, 10))
+    h.recorded(1)
+    assert len(h.run.calls) == 1
+
+
 def test_step_says_how_long_to_wait_for_the_next_tick_at_most_poll_s(tmp_path: Path) -> None:
     h = Harness(tmp_path, FakeRun(0), cron="0 * * * *")
     assert h.at(minute(60) - timedelta(milliseconds=1)) == pytest.approx(0.001)
