@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
@@ -26,7 +26,7 @@ from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
 from orchestrator.store import Store
-from orchestrator.store.records import RunInfo
+from orchestrator.store.records import MetricPoint, RunInfo
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class RunRequest:
     wait: bool = False
     timeout_s: float | None = None
     params: tuple[str, ...] = ()  # "train.n_estimators=300"
-    trigger: str = "manual"
+    trigger: Literal["manual", "schedule"] = "manual"
     docker_url: str | None = None
 
 
@@ -273,7 +273,25 @@ def latest_run(target: Target) -> tuple[Pipeline, RunInfo | None]:
 def list_runs(target: Target, status: str | None, trigger: str | None, limit: int) -> list[RunInfo]:
     loaded = load(target)
     with open_store(loaded) as store:
-        return store.list_runs(loaded.pipeline.display_name, status=status, trigger=trigger, limit=limit)
+        return store.list_runs(
+            loaded.pipeline.display_name, status=_run_status(status), trigger=parse_trigger(trigger), limit=limit,
+            with_stages=True,
+        )
+
+
+def _run_status(value: str | None) -> RunStatus | None:
+    if value is None:
+        return None
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise UsageError(f"unknown status {value!r}: use {', '.join(s.value for s in RunStatus)}") from None
+
+
+def parse_trigger(value: str | None) -> Literal["manual", "schedule"] | None:
+    if value not in (None, "manual", "schedule"):
+        raise UsageError(f"unknown trigger {value!r}: use manual or schedule")
+    return value  # type: ignore[return-value]
 
 
 def show_run(target: Target, run: str) -> RunInfo:
@@ -292,7 +310,7 @@ def log_path(target: Target, run: str, stage: str) -> tuple[RunInfo, Path]:
     raise NotFound(f"run {info.id} has no log for stage {stage!r} (it was cached, skipped, or never started)")
 
 
-def metric_history(target: Target, limit: int) -> list[RunInfo]:
+def metric_history(target: Target, limit: int) -> list[MetricPoint]:
     loaded = load(target)
     with open_store(loaded) as store:
         return store.metric_history(loaded.pipeline.display_name, limit)

@@ -47,7 +47,7 @@ def run(
     wait: Annotated[bool, typer.Option("--wait", help="Wait for a running run of this pipeline.")] = False,
     timeout: Annotated[str | None, typer.Option("--timeout", help="Cancel the run after this long (e.g. 2h).")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Override a param: STAGE.KEY=VALUE.")] = None,
-    trigger: Annotated[str, typer.Option("--trigger", hidden=True)] = "manual",
+    trigger: Annotated[str, typer.Option("--trigger", help="Recorded in history: manual or schedule.")] = "manual",
     plain: Annotated[bool, typer.Option("--plain", help="Plain log lines even on a terminal.")] = False,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
@@ -64,7 +64,7 @@ def run(
         target=_target(pipeline, state_dir, db),
         selection=Selection(stage=stage, from_stage=from_stage),
         jobs=jobs, keep_going=keep_going, force=True if force_all else frozenset(force or ()),
-        dry_run=dry_run, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=trigger,
+        dry_run=dry_run, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=api.parse_trigger(trigger) or "manual",
     )
     reporter = console.make_reporter(live=False if (plain or json_out) else None)
     cancel = api.Cancel()
@@ -208,8 +208,8 @@ def metrics(
     """Metrics of the stages that declare `metrics:`, across runs."""
     found = api.metric_history(_target(pipeline, state_dir, db), limit)
     if json_out:
-        console.print_json([{"run_id": r.id, "started_at": r.started_at,
-                             "metrics": {s.stage: s.metrics for s in r.stages if s.metrics}} for r in found])
+        console.print_json([{"run_id": run_id, "metrics": values}
+                            for run_id, values in console.metrics_by_run(found).items()])
     else:
         console.print_metrics(found, diff)
 

@@ -29,7 +29,7 @@ from orchestrator.events import (
     Warning,
 )
 from orchestrator.results import RunSummary, StageResult, StageStatus
-from orchestrator.store.records import RunInfo, StageRunInfo
+from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo
 from orchestrator.units import format_bytes, format_duration
 
 STYLE = {
@@ -90,7 +90,7 @@ class PlainReporter:
 
 def describe_result(result: StageResult) -> str:
     took = f" in {format_duration(result.duration_s)}" if result.duration_s is not None else ""
-    reason = f": {result.reason}" if result.reason else ""
+    reason = f": {result.reason.removeprefix(result.status.value + ': ')}" if result.reason else ""
     if result.status is StageStatus.SUCCEEDED:
         reason = ""  # the reasons it ran were printed when it started
     return f"{result.stage}: {result.status}{reason}{took}"
@@ -178,6 +178,16 @@ def _table(*columns: str) -> Table:
     return table
 
 
+def _status(stage: StageRunInfo) -> str:
+    return stage.status.value if stage.status is not None else "running"
+
+
+def _out() -> Console:
+    """stdout; off a terminal, wide enough that tables do not wrap in logs and pipes."""
+    console = _out()
+    return console if console.is_terminal else Console(width=200)
+
+
 def _ago(at: datetime | None) -> str:
     return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else ""
 
@@ -193,18 +203,18 @@ def print_summary(summary: RunSummary) -> None:
             result.stage, Text(result.status.value, style=STYLE.get(result.status.value, "")),
             _dur(result.duration_s), result.reason,
         )
-    Console().print(table)
+    _out().print(table)
 
 
 def print_stages(stages: tuple[StageRunInfo, ...], title: str) -> None:
     table = _table("stage", "status", "time", "peak mem", "cpu", "exit", "reason")
     for s in stages:
         table.add_row(
-            s.stage, Text(s.status, style=STYLE.get(s.status, "")), _dur(s.duration_s),
+            s.stage, Text(_status(s), style=STYLE.get(_status(s), "")), _dur(s.duration_s),
             format_bytes(s.peak_memory_bytes) if s.peak_memory_bytes else "",
             _dur(s.cpu_seconds), "" if s.exit_code is None else str(s.exit_code), s.reason or "",
         )
-    console = Console()
+    console = _out()
     console.print(Text(title, style="bold"))
     console.print(table)
 
@@ -220,17 +230,17 @@ def print_runs(runs: list[RunInfo]) -> None:
         took = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else None
         counts: dict[str, int] = {}
         for s in run.stages:
-            counts[s.status] = counts.get(s.status, 0) + 1
+            counts[_status(s)] = counts.get(_status(s), 0) + 1
         table.add_row(
             run.id, Text(run.status, style=STYLE.get(run.status, "")), run.trigger, _ago(run.started_at),
             _dur(took), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
         )
-    Console().print(table)
+    _out().print(table)
 
 
 def print_run(run: RunInfo) -> None:
     print_stages(run.stages, run_title(run))
-    console = Console()
+    console = _out()
     for s in run.stages:
         if s.artifacts:
             console.print(Text(f"{s.stage} outputs ({s.outputs_path}):", style="bold"))
@@ -242,13 +252,20 @@ def print_run(run: RunInfo) -> None:
                 console.print(f"  {key} = {value:.6g}")
 
 
-def print_metrics(runs: list[RunInfo], diff: bool) -> None:
-    keys = sorted({f"{s.stage}.{k}" for run in runs for s in run.stages for k in s.metrics})
+def metrics_by_run(points: list[MetricPoint]) -> dict[str, dict[str, float]]:
+    """{run id: {stage.metric: value}}, oldest run first."""
+    runs: dict[str, dict[str, float]] = {}
+    for p in sorted(points, key=lambda p: (p.started_at, p.run_id)):
+        runs.setdefault(p.run_id, {})[f"{p.stage}.{p.name}"] = p.value
+    return runs
+
+
+def print_metrics(points: list[MetricPoint], diff: bool) -> None:
+    runs = metrics_by_run(points)
+    keys = sorted({key for values in runs.values() for key in values})
     table = _table("run", *keys)
-    rows = list(reversed(runs))  # oldest first, so a diff reads top to bottom
     previous: dict[str, float] = {}
-    for run in rows:
-        values = {f"{s.stage}.{k}": v for s in run.stages for k, v in s.metrics.items()}
+    for run_id, values in runs.items():
         cells = []
         for key in keys:
             if key not in values:
@@ -258,14 +275,14 @@ def print_metrics(runs: list[RunInfo], diff: bool) -> None:
             else:
                 cells.append(f"{values[key]:.4g}")
         previous.update(values)
-        table.add_row(run.id, *cells)
-    Console().print(table)
+        table.add_row(run_id, *cells)
+    _out().print(table)
 
 
 def print_plan(predicted: RunSummary) -> None:
     for result in predicted.results.values():
         status = "cached" if result.status is StageStatus.CACHED else "runs"
-        Console().print(f"{result.stage}: {status}: {result.reason.removeprefix('would run: ')}")
+        _out().print(f"{result.stage}: {status}: {result.reason.removeprefix('would run: ')}")
 
 
 def result_json(result: StageResult) -> dict[str, Any]:
@@ -292,7 +309,7 @@ def status_json(report: Any) -> dict[str, Any]:
 
 
 def print_status(report: Any) -> None:
-    console = Console()
+    console = _out()
     run: RunInfo | None = report.run
     if run is None:
         console.print(f"{report.pipeline.display_name}: no runs yet")
@@ -313,7 +330,7 @@ def print_cache(manifests: list[Any]) -> None:
     table = _table("key", "stage", "run", "files", "size", "created")
     for m in manifests:
         table.add_row(m.key[:12], m.stage, m.run_id, str(len(m.files)), format_bytes(m.total_size), str(m.created_at))
-    Console().print(table)
+    _out().print(table)
 
 
 def describe_gc(report: Any, dry_run: bool) -> str:

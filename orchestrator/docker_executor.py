@@ -11,7 +11,7 @@ import signal
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -223,10 +223,15 @@ class DockerExecutor:
         stats = _Stats(self._client, cid)
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         try:
+            # attach before start, so no output is missed; unlike logs(follow=True), which the engine sends line
+            # by line, attach sends the process's writes: a stage printing gigabytes costs far fewer frames
+            frames = self._client.api.attach(
+                cid, stdout=True, stderr=True, stream=True, logs=True, demux=True
+            )
             container.start()
             deadline.start()
             stats.start()
-            self._stream(container, spec, on_output, tail)
+            self._stream(frames, spec, on_output, tail)
             exit_code = int(container.wait()["StatusCode"])
             container.reload()
             state = container.attrs["State"]
@@ -257,9 +262,15 @@ class DockerExecutor:
         return _result(outcome, exit_code, reason, started_at, stats.peak_memory_bytes, stats.cpu_seconds)
 
     def _stream(
-        self, container: Container, spec: ContainerSpec, on_output: OutputSink, tail: deque[str]
+        self,
+        frames: Iterable[tuple[bytes | None, bytes | None]],
+        spec: ContainerSpec,
+        on_output: OutputSink,
+        tail: deque[str],
     ) -> None:
-        """Pass stdout and stderr on line by line until the container ends; memory is bounded by LINE_CAP_BYTES."""
+        """Pass stdout and stderr on line by line until the container ends; memory is bounded by LINE_CAP_BYTES.
+
+        Frames are the process's writes, not lines: each stream keeps its own partial line."""
         secrets = [s.value for s in spec.secrets if s.value]
         with _CappedLog(spec.log_path) as log:
 
@@ -271,17 +282,21 @@ class DockerExecutor:
                 log.write(line)
                 on_output(line)
 
-            buffer = b""
-            for chunk in container.logs(stream=True, follow=True):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
-                    emit(raw)
-                while len(buffer) > LINE_CAP_BYTES:
-                    emit(buffer[:LINE_CAP_BYTES])
-                    buffer = buffer[LINE_CAP_BYTES:]
-            if buffer:
-                emit(buffer)
+            partial = [b"", b""]  # stdout, stderr
+            for frame in frames:
+                for i, chunk in enumerate(frame):
+                    if not chunk:
+                        continue
+                    *lines, rest = (partial[i] + chunk).split(b"\n")
+                    for raw in lines:
+                        emit(raw)
+                    while len(rest) > LINE_CAP_BYTES:
+                        emit(rest[:LINE_CAP_BYTES])
+                        rest = rest[LINE_CAP_BYTES:]
+                    partial[i] = rest
+            for rest in partial:
+                if rest:
+                    emit(rest)
 
     def _secret_owner(self, spec: ContainerSpec) -> tuple[int, int] | None:
         """The uid:gid the container runs as, when numeric; None when only a name is known."""

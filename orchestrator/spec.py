@@ -271,8 +271,8 @@ class Pipeline(_Model):
 
     @property
     def root(self) -> Path:
-        """The folder of pipeline.yaml: inputs and build contexts are relative to it."""
-        return self._source.path.parent
+        """The folder of pipeline.yaml, absolute: inputs and build contexts are relative to it."""
+        return self._source.path.parent.absolute()
 
     @property
     def display_name(self) -> str:
