@@ -1,0 +1,390 @@
+"""The `pipe` benchmark: orchestration overhead against the bare Docker floor, no-op reruns, hashing, planning,
+history queries, and DVC side by side. One command; prints a table of medians with a ratio against a floor or a
+peer measured in the same run, and (full mode) writes bench/RESULTS.md. See bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import workloads as wl
+from dvc_peer import SCENARIOS, compare, install_dvc
+from probes import (
+    BUSYBOX,
+    BenchError,
+    containers_started,
+    floor_once,
+    median,
+    remove_leftovers,
+    repeat,
+    run_command,
+    run_pipe,
+    sdk_threads,
+)
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MiB, GiB = 1024**2, 1024**3
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeat: int  # repetitions of the quick measurements (the median is reported)
+    heavy: int  # repetitions of the measurements that start 20 containers or more
+    floors: int
+    chain: int
+    wide: int
+    fan: int
+    input_bytes: int
+    input_files: int
+    dag: int
+    history: int
+    peers: bool  # DVC and the example pipeline: minutes, so not in --quick
+
+
+FULL = Sizes(repeat=5, heavy=3, floors=15, chain=20, wide=100, fan=100, input_bytes=GiB, input_files=10_000,
+             dag=5_000, history=10_000, peers=True)
+QUICK = Sizes(repeat=1, heavy=1, floors=2, chain=2, wide=2, fan=2, input_bytes=2 * MiB, input_files=20,
+              dag=50, history=20, peers=False)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table. `value` and `reference` are seconds (shown in `unit`) or GB/s."""
+
+    measure: str
+    value: float | None
+    unit: str = "s"  # "s", "ms" or "GB/s"
+    against: str = ""  # what the ratio is taken against
+    reference: float | None = None
+    goal: float | None = None  # in seconds (or GB/s); met when value < goal
+    note: str = ""
+
+    def cells(self, judge: bool) -> list[str]:
+        ratio = f"{self.value / self.reference:.2f}x" if self.value is not None and self.reference else ""
+        goal = f"< {_show(self.goal, self.unit)}" if self.goal is not None else ""
+        verdict = ""
+        if judge and self.goal is not None and self.value is not None:
+            verdict = "met" if self.value < self.goal else "MISSED"
+        ref = f"{self.against} {_show(self.reference, self.unit)}".strip() if self.against else ""
+        return [self.measure, _show(self.value, self.unit), ref, ratio, goal, verdict, self.note]
+
+
+def _show(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "ms":
+        return f"{value * 1000:.0f} ms"
+    if unit == "GB/s":
+        return f"{value:.2f} GB/s"
+    return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+
+
+@dataclass
+class Bench:
+    client: Any
+    work: Path
+    sizes: Sizes
+    floor: float = 0.0  # the median SDK floor, measured first
+    startup: float = 0.0  # the median `pipe --help`: what every command pays before it works
+
+    def pipeline(self, name: str, stages: dict[str, dict[str, Any]]) -> Path:
+        return wl.write_pipeline(self.work / name, stages)
+
+    def times(self, n: int, *args: str | Path) -> list[float]:
+        return repeat(n, lambda: run_pipe(*args).seconds)
+
+
+HEADER = ["measure", "pipe", "against", "ratio", "goal", "", "note"]
+
+
+def floors(b: Bench) -> list[Row]:
+    from orchestrator.docker_executor import host_kwargs
+    from orchestrator.executor import ContainerSpec, Mount
+
+    owner = b.work / "sdk"
+    floor_once(b.client, owner)  # the first container after a while pays for cold engine caches
+    b.floor = median(repeat(b.sizes.floors, lambda: floor_once(b.client, owner)))
+    scratch = b.work / "sdk-mounts"
+    scratch.mkdir(parents=True, exist_ok=True)
+    spec = ContainerSpec(name="floor", image_id=BUSYBOX, command=("true",), labels={},
+                         mounts=(Mount(scratch, "/outputs", read_only=False),), memory_bytes=4 * GiB, pids=1024,
+                         user=f"{os.getuid()}:{os.getgid()}")
+    sandboxed = median(repeat(b.sizes.floors, lambda: floor_once(b.client, owner, **{
+        k: v for k, v in host_kwargs(spec).items() if k not in ("command", "labels")})))
+    python = median(repeat(b.sizes.repeat, lambda: run_command([sys.executable, "-c", "pass"])))
+    b.startup = median(b.times(b.sizes.repeat, "--help"))
+    return [
+        Row("floor: 1 container via the SDK (create, start, wait, remove)", b.floor),
+        Row("the same with pipe's sandbox (init, no caps, read-only, tmpfs, no network, limits)", sandboxed,
+            against="floor", reference=b.floor),
+        Row("start-up: `pipe --help`", b.startup, against="`python3 -c pass`", reference=python),
+    ]
+
+
+def chain(b: Bench) -> list[Row]:
+    n = b.sizes.chain
+    long = median(b.times(b.sizes.heavy, "run", b.pipeline("chain", wl.chain(n))))
+    one = median(b.times(b.sizes.heavy, "run", b.pipeline("chain1", wl.chain(1))))
+    per_stage = (long - n * b.floor) / n
+    marginal = (long - one) / (n - 1) - b.floor
+    return [
+        Row(f"chain of {n} trivial stages, cache off, `pipe run`", long, against=f"{n} floors",
+            reference=n * b.floor),
+        Row(f"per-stage overhead: (chain - {n} floors) / {n}", per_stage, "ms", "floor", b.floor, goal=0.030),
+        Row(f"marginal per-stage overhead: (chain{n} - chain1) / {n - 1} - floor", marginal, "ms", "floor",
+            b.floor, note="start-up excluded"),
+    ]
+
+
+def wide(b: Bench) -> list[Row]:
+    n = b.sizes.wide
+    path = b.pipeline("wide", wl.wide(n))
+    pipe_s = median(b.times(b.sizes.heavy, "run", "--jobs", "2", path))
+    sdk_s = median(repeat(b.sizes.heavy, lambda: sdk_threads(b.client, b.work / "sdk", n, 2)))
+    return [Row(f"wide DAG: {n} independent trivial stages, `--jobs 2`", pipe_s,
+                against=f"{n} SDK floors from 2 threads", reference=sdk_s, goal=sdk_s,
+                note="goal: no slower than the SDK")]
+
+
+def no_op(b: Bench, name: str, path: Path, label: str, goal: float = 0.5) -> tuple[Row, Row]:
+    """The cold run (once) and the no-op rerun (median) of `path`, with what the no-op read and started."""
+    cold = run_pipe("run", path)
+    runs = []
+    for _ in range(b.sizes.repeat):
+        since = time.time()
+        runs.append(run_pipe("run", path))
+        started = containers_started(b.client, path.parent / "runs", since)
+        if started:
+            raise BenchError(f"the no-op rerun of {name} started {started} container(s)")
+    read = median([r.read_bytes for r in runs])
+    return (Row(f"{label}: first run (nothing cached)", cold.seconds, note="once"),
+            Row(f"{label}: no-op rerun, all cached", median([r.seconds for r in runs]), against="start-up",
+                reference=b.startup, goal=goal, note=f"0 containers; read {read / MiB:.0f} MiB"))
+
+
+def fan(b: Bench) -> list[Row]:
+    n = 1 + b.sizes.fan
+    return list(no_op(b, "fan", b.pipeline("fan", wl.fan(b.sizes.fan)), f"{n} stages"))
+
+
+def big_input(b: Bench) -> list[Row]:
+    folder = b.work / "input"
+    data = wl.random_files(folder / "data", b.sizes.input_bytes, b.sizes.input_files)
+    path = wl.write_pipeline(folder, wl.reading("data"))
+    label = f"input {b.sizes.input_bytes / MiB:.0f} MiB in {b.sizes.input_files:,} files"
+    cold, noop = no_op(b, "input", path, label)
+    touched = []
+    for i in range(b.sizes.repeat):
+        wl.set_mtimes(data, time.time() - wl.PAST_S - i)  # a new mtime each round: the memo misses every file
+        touched.append(run_pipe("run", path))
+    read = median([t.read_bytes for t in touched])
+    return [cold, noop, Row(f"{label}: rerun after touching every file", median([t.seconds for t in touched]),
+                            against="no-op", reference=noop.value, goal=1.0, note=f"read {read / MiB:.0f} MiB")]
+
+
+def hashing(b: Bench) -> list[Row]:
+    from orchestrator.hashing import hash_tree
+
+    data = wl.random_files(b.work / "input" / "data", b.sizes.input_bytes, b.sizes.input_files)
+    total = sum(p.stat().st_size for p in wl.files_of(data)) / 1e9
+    hash_tree(data)  # both sides read from a warm page cache
+
+    def ours() -> float:
+        started = time.perf_counter()
+        hash_tree(data)
+        return time.perf_counter() - started
+
+    sha = ["sh", "-c", "find . -type f -print0 | xargs -0 sha256sum > /dev/null"]
+    pipe_gbs = total / median(repeat(b.sizes.heavy, ours))
+    sha_gbs = total / median(repeat(b.sizes.heavy, lambda: run_command(sha, cwd=data)))
+    return [Row(f"cold hashing of the input ({total:.2f} GB): hash_tree, no memo", pipe_gbs, "GB/s",
+                against="`sha256sum`", reference=sha_gbs, note="page cache warm; ratio > 1 is faster")]
+
+
+def planning(b: Bench) -> list[Row]:
+    from orchestrator.loader import load_pipeline
+    from orchestrator.plan import build_plan
+
+    n = b.sizes.dag
+    path = b.pipeline("dag", wl.random_dag(n))
+
+    def in_process() -> float:
+        started = time.perf_counter()
+        build_plan(load_pipeline(path))
+        return time.perf_counter() - started
+
+    return [
+        Row(f"planning {n:,} stages: `pipe validate --no-images`", median(b.times(b.sizes.repeat, "validate",
+            "--no-images", path)), against="start-up", reference=b.startup, goal=1.0),
+        Row(f"planning {n:,} stages: `pipe dag`", median(b.times(b.sizes.repeat, "dag", path)),
+            against="start-up", reference=b.startup, goal=1.0),
+        Row(f"planning {n:,} stages: load_pipeline + build_plan in-process", median(repeat(b.sizes.repeat,
+            in_process)), goal=1.0, note="no interpreter start-up"),
+    ]
+
+
+def history(b: Bench) -> list[Row]:
+    path = b.pipeline("history", wl.fan(3))
+    run_pipe("run", path)
+    one = median(b.times(b.sizes.repeat, "status", path))
+    runs = wl.fill_history(f"sqlite:///{path.parent / 'runs' / 'pipe.db'}", b.sizes.history)
+    many = median(b.times(b.sizes.repeat, "status", path))
+    return [Row(f"`pipe status`, {runs:,} runs in history", many, against="with 1 run", reference=one, goal=0.2,
+                note="4 stages a run")]
+
+
+def dvc(b: Bench) -> list[Row]:
+    try:
+        exe, version = install_dvc(b.work)
+    except BenchError as e:
+        return [Row("DVC side by side", None, note=f"skipped: DVC could not be installed ({e})")]
+    pipe_side, dvc_side = compare(b.client, b.work / "peer", exe, b.sizes.heavy)
+    rows = []
+    for scenario in SCENARIOS:
+        command = "`pipe status` vs `dvc status`" if scenario == "status" else "`pipe run` vs `dvc repro`"
+        note = "" if scenario == "status" else \
+            f"containers: pipe {_counts(pipe_side.containers[scenario])}, DVC {_counts(dvc_side.containers[scenario])}"
+        rows.append(Row(f"4-stage docker pipeline, {scenario}: {command}", median(pipe_side.seconds[scenario]),
+                        against=f"DVC {version}",
+                        reference=median(dvc_side.seconds[scenario]), note=note))
+    return rows
+
+
+def _counts(values: list[int]) -> str:
+    return "/".join(map(str, sorted(set(values))))
+
+
+def example(b: Bench) -> list[Row]:
+    folder = b.work / "example"
+    if not (REPO / "pipeline.yaml").exists():
+        return [Row("example pipeline", None, note="skipped: no pipeline.yaml at the repository's root")]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy2(REPO / "pipeline.yaml", folder / "pipeline.yaml")
+    for name in ("stages", "data"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, folder / name)
+    path = folder / "pipeline.yaml"
+    cold = []
+    for _ in range(b.sizes.heavy):
+        shutil.rmtree(folder / "runs", ignore_errors=True)
+        since = time.time()
+        cold.append(run_pipe("run", path).seconds)
+        started = containers_started(b.client, folder / "runs", since)
+    rerun = b.times(b.sizes.repeat, "run", path)
+    return [Row("example pipeline: first run, nothing cached", median(cold), against="its no-op",
+                reference=median(rerun), note=f"images already built; fresh state dir; {started} containers"),
+            Row("example pipeline: no-op rerun, all cached", median(rerun), against="start-up",
+                reference=b.startup, goal=0.5)]
+
+
+GROUPS: dict[str, Callable[[Bench], list[Row]]] = {
+    "floor": floors, "chain": chain, "wide": wide, "fan": fan, "input": big_input, "hashing": hashing,
+    "planning": planning, "status": history, "dvc": dvc, "example": example,
+}
+PEER_GROUPS = ("dvc", "example")
+
+
+def machine(client: Any) -> list[tuple[str, str]]:
+    info = client.info()
+    with open("/proc/meminfo") as f:
+        mem_kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal:")))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    return [
+        ("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ("cpus (nproc)", f"{os.cpu_count()} × {cpu}"),
+        ("memory", f"{mem_kib / 1024**2:.1f} GiB"),
+        ("kernel", platform.release()),
+        ("docker", f"{client.version()['Version']} ({info.get('Driver')}, cgroup v{info.get('CgroupVersion')})"),
+        ("python", platform.python_version()),
+        ("pipe commit", commit or "unknown"),
+        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+    ]
+
+
+def render(rows: list[Row], judge: bool) -> str:
+    table = [HEADER, *(r.cells(judge) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |" for line in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, rows: list[Row], about: list[tuple[str, str]], sizes: Sizes, command: str) -> None:
+    text = [
+        "# Benchmark results", "",
+        (f"Written by `{command}` (bench/run.py); see bench/README.md for what each row measures. Each figure is "
+         f"the median of {sizes.repeat} runs ({sizes.heavy} for rows that start 20 containers or more; rows "
+         "marked \"once\" are single runs). The ratio is pipe's figure divided by the one named beside it."), "",
+        "## Machine", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in about), "",
+        "## Results", "", render(rows, judge=True), "",
+    ]
+    path.write_text("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition, no DVC or example (CI smoke)")
+    parser.add_argument("-n", "--repeat", type=int, help="repetitions of each measurement (default 5; heavy rows "
+                        "use at most 3)")
+    parser.add_argument("--only", action="append", choices=sorted(GROUPS), help="run only these groups")
+    parser.add_argument("--work", type=Path, default=BENCH / "work", help="where generated data and state go")
+    parser.add_argument("--results", type=Path, help="the Markdown file to write (default: bench/RESULTS.md "
+                        "in full mode, none with --quick)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.repeat:
+        sizes = replace(sizes, repeat=args.repeat, heavy=min(args.repeat, sizes.heavy))
+    results = args.results or (None if args.quick else BENCH / "RESULTS.md")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    client = docker.from_env(timeout=300)
+    about = machine(client)
+    bench = Bench(client, work, sizes)
+    groups = ["floor", *(g for g in GROUPS if g != "floor" and (not args.only or g in args.only))]
+    rows: list[Row] = []
+    failed = False
+    started = time.perf_counter()
+    try:
+        for group in groups:
+            if group in PEER_GROUPS and not sizes.peers:
+                continue
+            print(f"[{time.perf_counter() - started:6.1f}s] {group}", file=sys.stderr, flush=True)
+            try:
+                rows += GROUPS[group](bench)
+            except (BenchError, OSError, docker.errors.DockerException) as e:
+                failed = True
+                rows.append(Row(group, None, note=f"FAILED: {e}"))
+    finally:
+        leftovers = remove_leftovers(client, work)
+    if leftovers:
+        failed = True
+        rows.append(Row("leftover containers", None, note=f"FAILED: removed {', '.join(leftovers)}"))
+    about += [("load average at end", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+              ("bench wall time", f"{time.perf_counter() - started:.0f} s")]
+    print(render(rows, judge=not args.quick))
+    if results is not None:
+        command = "python3 bench/run.py" + (" --quick" if args.quick else "")
+        write_results(results, rows, about, sizes, command)
+        print(f"wrote {results}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
