@@ -12,9 +12,10 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -397,3 +398,91 @@ def cache_gc(target: Target, keep_runs: int | None, keep_days: float | None, dry
     with open_store(loaded) as store:
         keep = store.referenced_cache_keys(keep_runs=keep_runs, keep_days=keep_days)
     return Cache(loaded.state.cache_dir).gc(keep, dry_run=dry_run)
+
+
+# ---- schedules ---------------------------------------------------------------------------------------------------
+
+
+def next_fire_times(target: Target, count: int) -> tuple[Pipeline, list[datetime]]:
+    from orchestrator import cron
+
+    pipeline = load(target).pipeline
+    if pipeline.schedule is None:
+        raise UsageError(f"{pipeline.path} has no `schedule:`; add one (cron:, timezone:)")
+    return pipeline, cron.next_fire_times(pipeline.schedule, datetime.now(UTC), count)
+
+
+def crontab_entry(target: Target) -> Any:
+    """The crontab entry for the pipeline's schedule, with absolute paths and the environment it needs."""
+    import shutil
+    import sys
+
+    from orchestrator import cron, scheduler
+
+    loaded = load(target)
+    pipeline = loaded.pipeline
+    if pipeline.schedule is None:
+        raise UsageError(f"{pipeline.path} has no `schedule:`; add one (cron:, timezone:)")
+    executable = shutil.which("pipe") or str(Path(sys.argv[0]).resolve())
+    executable = str(Path(executable).resolve())
+    env = {"PATH": f"{Path(executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    if target.state_dir is not None:
+        env["PIPE_STATE_DIR"] = str(loaded.state.root)
+    if target.db_url is not None:
+        env["PIPE_DB"] = target.db_url
+    return cron.crontab_line(
+        pipeline.path.resolve(), pipeline.schedule, executable, env,
+        state_dir=loaded.state.root, system_timezone=scheduler.system_timezone(),
+    )
+
+
+def install_schedule(target: Target, apply: bool) -> Any:
+    """The crontab entry; written into the user's crontab only with `apply`."""
+    from orchestrator import scheduler
+
+    entry = crontab_entry(target)
+    if apply:
+        scheduler.install_crontab(entry, apply=True)
+    return entry
+
+
+def uninstall_schedule(target: Target) -> int:
+    from orchestrator import cron, scheduler
+
+    return scheduler.uninstall_crontab(cron.crontab_marker(load(target).pipeline.path.resolve()))
+
+
+def run_scheduler(
+    paths: list[Path], target: Target, reporter: Reporter, stop: threading.Event,
+    on_stop: Literal["finish", "cancel"] = "finish", clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    wait: Callable[[float], object] | None = None,
+) -> None:
+    """`pipe scheduler`: fire scheduled runs of these pipelines until `stop` is set. Each pipeline keeps its own
+    state dir and history; ticks are recorded there."""
+    from orchestrator.scheduler import RunOutcome, Scheduler
+
+    by_name: dict[str, Target] = {}
+
+    def load_one(path: Path) -> Pipeline:
+        pipeline = loader.load_pipeline(path)
+        by_name[pipeline.display_name] = Target(path, target.state_dir, target.db_url)
+        return pipeline
+
+    def run(path: Path, trigger: str, cancel: threading.Event) -> RunOutcome:
+        request = RunRequest(target=Target(path, target.state_dir, target.db_url), trigger="schedule")
+        summary = run_pipeline(request, reporter, Cancel(event=cancel))
+        return RunOutcome(summary.run_id, int(summary.exit_code))
+
+    def record_tick(name: str, due_at: datetime, action: Any, reason: str, run_id: str | None) -> None:
+        with open_store(load(by_name[name])) as store:
+            store.record_tick(name, due_at, action, reason, run_id)
+
+    def last_tick(name: str) -> datetime | None:
+        with open_store(load(by_name[name])) as store:
+            ticks = store.ticks(name, 1)
+        return ticks[0].due_at if ticks else None
+
+    Scheduler(
+        paths, load=load_one, run=run, record_tick=record_tick, last_tick=last_tick,
+        clock=clock, stop=stop, on_stop=on_stop, wait=wait,
+    ).run_forever()

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 
@@ -20,6 +21,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Run machine-learning pipelines as a DAG of Docker containers, cached by content.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the stage cache.")
 app.add_typer(cache_app, name="cache")
+
 
 PipelineArg = Annotated[Path, typer.Argument(help="The pipeline file.", show_default=True)]
 StateDirOpt = Annotated[
@@ -246,6 +248,62 @@ def cache_gc(
     """Remove cache entries that no recent run references."""
     report = api.cache_gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run)
     typer.echo(console.describe_gc(report, dry_run))
+
+
+@app.command()
+def schedule(
+    words: Annotated[list[str] | None, typer.Argument(help="[install|uninstall] [pipeline.yaml]", show_default=False)]
+    = None,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="How many fire times to list.")] = 5,
+    apply: Annotated[bool, typer.Option("--apply", help="install: write the user's crontab (else print).")] = False,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """List the next fire times of the pipeline's `schedule:`; `install` prints (or --apply installs) its crontab
+    line, `uninstall` removes it."""
+    action, rest = "list", list(words or ())
+    if rest and rest[0] in ("list", "install", "uninstall"):
+        action = rest.pop(0)
+    if len(rest) > 1:
+        raise UsageError(f"pipe schedule takes one pipeline file, got {len(rest)}")
+    target = _target(Path(rest[0] if rest else DEFAULT_FILE).resolve(), state_dir, db)
+    if action == "install":
+        entry = api.install_schedule(target, apply=apply)
+        if entry.warning:
+            console.warn(entry.warning)
+        typer.echo(f"installed into the crontab: {entry.marker}" if apply else entry.text, nl=apply)
+    elif action == "uninstall":
+        typer.echo(f"removed {api.uninstall_schedule(target)} crontab line(s)")
+    else:
+        spec, times = api.next_fire_times(target, count)
+        assert spec.schedule is not None
+        typer.echo(f"{spec.display_name}: {spec.schedule.cron!r} in {spec.schedule.timezone}")
+        for at in times:
+            local = at.astimezone(ZoneInfo(spec.schedule.timezone))
+            typer.echo(f"  {at:%Y-%m-%d %H:%M} UTC  ({local:%Y-%m-%d %H:%M %Z})")
+
+
+@app.command()
+def scheduler(
+    pipelines: Annotated[list[Path] | None, typer.Argument(help="Pipeline files (default: ./pipeline.yaml).")] = None,
+    on_stop: Annotated[str, typer.Option("--on-stop", help="On SIGTERM/SIGINT: finish or cancel the running run.")]
+    = "finish",
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Run the built-in scheduler in the foreground (for a systemd unit or a container)."""
+    import logging
+    import threading
+
+    if on_stop not in ("finish", "cancel"):
+        raise UsageError(f"--on-stop must be finish or cancel, not {on_stop!r}")
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    paths = [p.resolve() for p in (pipelines or [DEFAULT_FILE])]
+    api.run_scheduler(paths, _target(paths[0], state_dir, db), console.make_reporter(live=False), stop,
+                      "finish" if on_stop == "finish" else "cancel")
 
 
 def main() -> None:

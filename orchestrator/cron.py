@@ -170,6 +170,9 @@ class CrontabEntry:
     warning: str | None  # set when cron would read the fields in a time zone other than the schedule's
 
 
+MAX_CRON_LINE = 990  # Debian's cron refuses longer commands ("command too long"); 998 with the fields
+
+
 def crontab_marker(pipeline_path: Path) -> str:
     return f"# pipe:{pipeline_path}"
 
@@ -203,6 +206,9 @@ def crontab_line(pipeline_path: Path, schedule: Schedule, pipe_executable: str, 
         f"rc=$?; [ $rc -eq 0 ] || [ $rc -eq {int(ExitCode.LOCKED)} ] || "
         f"echo {q(f'pipe: the scheduled run of {pipeline_path} exited')} \"$rc;\" see {q(str(log))}"
     )
+    if len(command) + len(marker) > MAX_CRON_LINE:
+        raise UsageError(f"the crontab line for {pipeline_path} would be {len(command)} characters; Debian's cron "
+                         f"refuses lines over {MAX_CRON_LINE}: use shorter paths or fewer environment variables")
     for text in (command, marker):
         if "%" in text or "\n" in text:
             raise UsageError(f"cannot write a crontab line for {pipeline_path}: cron treats '%' and newlines "

@@ -12,7 +12,7 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -453,20 +453,24 @@ class _Stats:
 
 def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[str], bool]) -> list[str]:
     """Remove the containers of pipeline `owner` whose run is not alive; return those runs' ids, sorted."""
+    alive: dict[str, bool] = {}
+    dead: set[str] = set()
     try:
-        containers = client.containers.list(
+        # the low-level list carries the labels: no inspect per container that could race with a removal
+        for row in client.api.containers(
             all=True, filters={"label": [LABEL_MANAGED, f"{LABEL_PIPELINE}={owner}"]}
-        )
+        ):
+            run_id = str((row.get("Labels") or {}).get(LABEL_RUN, ""))
+            if run_id not in alive:
+                alive[run_id] = is_alive(run_id)
+            if not alive[run_id]:
+                with suppress(docker.errors.APIError):  # gone, or removal in progress
+                    client.api.remove_container(row["Id"], force=True)
+                dead.add(run_id)
     except ENGINE_FAULTS as e:
         raise EngineError(
             f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
         ) from e
-    dead: set[str] = set()
-    for container in containers:
-        run_id = container.labels.get(LABEL_RUN, "")
-        if not is_alive(run_id):
-            _remove(container)
-            dead.add(run_id)
     return sorted(dead)
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +26,7 @@ from orchestrator.executor import (
     ExecResult,
     Mount,
     Outcome,
+    SecretFile,
 )
 
 BUSYBOX = "pipe-busybox:latest"
@@ -58,7 +64,9 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 30, what: str = "c
 
 
 def running_container(docker: Any, tmp_path: Path) -> Any:
-    found = docker.containers.list(filters={"label": f"{LABEL_PIPELINE}={tmp_path}", "status": "running"})
+    found = docker.containers.list(
+        ignore_removed=True, filters={"label": f"{LABEL_PIPELINE}={tmp_path}", "status": "running"}
+    )
     return found[0] if found else None
 
 
@@ -282,7 +290,9 @@ def test_sweep_orphans_removes_containers_of_dead_runs_only(docker: Any, tmp_pat
     )
     try:
         assert sweep_orphans(docker, owner, is_alive=lambda run_id: run_id == "live-run") == ["dead-run"]
-        left = docker.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"})
+        left = docker.containers.list(
+            all=True, ignore_removed=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}
+        )
         assert [c.labels[LABEL_RUN] for c in left] == ["live-run"]
         assert sweep_orphans(docker, owner, is_alive=lambda run_id: False) == ["live-run"]
     finally:
@@ -300,3 +310,93 @@ def test_connect_to_a_missing_socket_fails_fast_naming_it(tmp_path: Path) -> Non
 
 def test_connect_to_the_running_engine(docker: Any) -> None:
     assert connect().api.ping()
+
+
+class PrivateEngine:
+    """A throwaway dockerd on its own socket and folders (issue 5): killed and restarted by a test, never the shared
+    engine. vfs storage, no bridge, no iptables, so it touches nothing the shared engine owns."""
+
+    def __init__(self) -> None:
+        self.root = Path(
+            tempfile.mkdtemp(prefix="pipe-dockerd-", dir="/tmp")
+        )  # short: a socket path has a limit
+        self.url = f"unix://{self.root}/docker.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        r = self.root
+        argv = ["dockerd", "--host", self.url, "--data-root", f"{r}/data", "--exec-root", f"{r}/exec",
+                "--pidfile", f"{r}/docker.pid", "--bridge", "none", "--iptables=false", "--ip-masq=false",
+                "--storage-driver", "vfs"]  # fmt: skip
+        with open(r / "dockerd.log", "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout_s=60, what=f"a private dockerd on {self.url}")
+
+    def _answers(self) -> bool:
+        try:
+            connect(self.url, timeout_s=1).close()
+        except EngineError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        data = self.root / "data"
+        if any(line.split()[1] == str(data) for line in Path("/proc/mounts").read_text().splitlines()):
+            subprocess.run(
+                ["umount", str(data)], check=False
+            )  # dockerd bind-mounts its data root onto itself
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_engine(docker: Any) -> Iterator[tuple[PrivateEngine, Any]]:
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        pytest.fail("the engine-fault test needs root and dockerd (scripts/engine.sh installs it)")
+    engine = PrivateEngine()
+    try:
+        engine.start()
+        client = connect(engine.url)
+        client.images.load(b"".join(docker.images.get(BUSYBOX).save()))
+        yield engine, client
+    finally:
+        engine.close()
+
+
+def test_engine_lost_mid_stage_is_an_infrastructure_error_and_the_next_run_recovers(
+    private_engine: tuple[PrivateEngine, Any], tmp_path: Path, in_background: Any
+) -> None:
+    engine, client = private_engine
+    owner = str(tmp_path)
+    labels = {LABEL_MANAGED: "1", LABEL_PIPELINE: owner, LABEL_RUN: "run-1"}
+    executor = DockerExecutor(client)
+    spec = sh("echo started; sleep 30", labels, secrets=(SecretFile("TOKEN", "value"),))
+    started = threading.Event()
+    join = in_background(lambda: executor.run(spec, lambda line: started.set()))
+    wait_for(started.is_set, what="the stage to start")
+    secrets_dirs = list(Path("/dev/shm").glob("pipe-secrets-*/secrets/TOKEN"))
+    engine.kill()
+    result = join()
+    assert result.outcome is Outcome.ERROR
+    assert result.reason.startswith("docker engine failed during the run: ")
+    assert secrets_dirs and not any(p.exists() for p in secrets_dirs)  # removed on this path too
+    with pytest.raises(EngineError, match="^docker engine unreachable: "):
+        executor.run(sh("true", labels), lambda _: None)  # down before create: an EngineError, not a result
+
+    engine.start()
+    again = connect(engine.url)
+    assert sweep_orphans(again, owner, is_alive=lambda run_id: False) == ["run-1"]
+    assert again.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}) == []
+    after = DockerExecutor(again).run(sh("echo back", labels), lambda _: None)
+    assert after.outcome is Outcome.SUCCEEDED

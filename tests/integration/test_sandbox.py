@@ -68,7 +68,12 @@ def inspect_while_running(
     try:
         container = wait_for(
             lambda: next(
-                iter(docker.containers.list(filters={"label": f"{LABEL_PIPELINE}={tmp_path}"})), None
+                iter(
+                    docker.containers.list(
+                        ignore_removed=True, filters={"label": f"{LABEL_PIPELINE}={tmp_path}"}
+                    )
+                ),
+                None,
             )
         )
         attrs = docker.api.inspect_container(container.id)

@@ -1,0 +1,103 @@
+"""Scheduled retraining for real: the built-in scheduler firing real runs, and a crontab line under Debian's cron."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import api
+from orchestrator.events import NullReporter
+from tests.conftest import BUSYBOX
+from tests.e2e.helpers import pipe, pipe_json, wait_for
+
+SCHEDULED = {
+    "name": "nightly",
+    "schedule": {"cron": "* * * * *", "timezone": "Europe/Berlin", "overlap": "skip"},
+    "stages": {
+        "data": {"image": BUSYBOX, "command": "cat raw.txt > /outputs/clean.txt", "inputs": ["raw.txt"]},
+        "train": {"image": BUSYBOX, "command": "wc -l < /inputs/data/clean.txt > /outputs/model.txt",
+                  "needs": ["data"]},
+    },
+}
+
+
+class FastClock:
+    """Starts just before a minute boundary and advances 5 s per reading, so a tick comes every 12 steps."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 2, 59, 50, tzinfo=UTC)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            self.now += timedelta(seconds=5)
+            return self.now
+
+
+def test_scheduler_fires_twice_and_the_second_run_is_all_cached(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline(SCHEDULED, files={"raw.txt": "a\nb\n"})
+    stop = threading.Event()
+    scheduled_runs: list[Any] = []
+
+    def two_runs_finished() -> bool:
+        runs = api.list_runs(api.Target(path), status=None, trigger="schedule", limit=10)
+        scheduled_runs[:] = runs
+        return sum(r.status != "running" for r in runs) >= 2
+
+    thread = threading.Thread(
+        target=api.run_scheduler,
+        args=([path], api.Target(path), NullReporter(), stop),
+        kwargs={"clock": FastClock(), "wait": lambda s: stop.wait(0.05)},
+    )
+    thread.start()
+    try:
+        wait_for(two_runs_finished, timeout=120, what="two scheduled runs")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    oldest, newer = scheduled_runs[-1], scheduled_runs[-2]
+    assert oldest.status == "succeeded" and newer.status == "succeeded"
+    assert {s.stage: str(s.status) for s in newer.stages} == {"data": "cached", "train": "cached"}
+    ticks = pipe_json("runs", path)  # the CLI sees them too, with the trigger recorded
+    assert [r["trigger"] for r in ticks][:2] == ["schedule", "schedule"]
+
+
+@pytest.fixture
+def cron_daemon() -> None:
+    """Debian's cron, installed by scripts/setup.sh; started here when it is not running."""
+    if shutil.which("cron") is None or shutil.which("crontab") is None:
+        pytest.fail("Debian's cron is not installed: run scripts/setup.sh")
+    if subprocess.run(["pgrep", "-x", "cron"], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["cron"], check=True)
+
+
+def test_crontab_line_runs_the_pipeline_under_real_cron(
+    docker: Any, make_pipeline: Callable[..., Path], cron_daemon: None
+) -> None:
+    path = make_pipeline(SCHEDULED, files={"raw.txt": "a\n"})
+    installed = pipe("schedule", "install", path, "--apply")
+    assert installed.returncode == 0, installed.stderr
+    try:
+        listing = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=True).stdout
+        assert f"# pipe:{path}" in listing
+        runs = wait_for(
+            lambda: [r for r in pipe_json("runs", path) if r["status"] != "running"],
+            timeout=150, what="cron to fire the pipeline",
+        )
+        assert runs[0]["trigger"] == "schedule"
+        assert runs[0]["status"] == "succeeded"
+    finally:
+        removed = pipe("schedule", "uninstall", path)
+    assert removed.returncode == 0 and "removed 2 crontab line(s)" in removed.stdout
+    listing = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=False).stdout
+    assert f"# pipe:{path}" not in listing
