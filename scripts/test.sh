@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 ruff check orchestrator tests bench
 mypy orchestrator
+# the store's tests also run against a real PostgreSQL: a private server started here
+PIPE_TEST_POSTGRES_URL=${PIPE_TEST_POSTGRES_URL:-$(bash scripts/postgres.sh)}
+export PIPE_TEST_POSTGRES_URL
 python3 -m pytest "$@"
