@@ -92,31 +92,38 @@ def open_store(loaded: Loaded) -> Iterator[Store]:
         store.close()
 
 
-def apply_overrides(pipeline: Pipeline, overrides: tuple[str, ...]) -> Pipeline:
-    """`-p train.n_estimators=300`: values are parsed as JSON when they parse, else kept as strings."""
-    stages = dict(pipeline.stages)
-    for item in overrides:
+def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
+    """`-p train.n_estimators=300` -> {"train.n_estimators": 300}: JSON values when they parse, else strings."""
+    parsed: dict[str, Any] = {}
+    for item in items:
         dotted, sep, raw = item.partition("=")
-        name, _, key = dotted.partition(".")
-        if not sep or not key:
+        if not sep or "." not in dotted.strip("."):
             raise UsageError(f"bad param override {item!r}: use STAGE.KEY=VALUE, e.g. train.n_estimators=300")
-        if name not in stages:
-            raise UsageError(f"param override {item!r}: unknown stage {name!r}")
         try:
-            value: Any = json.loads(raw)
+            parsed[dotted] = json.loads(raw)
         except ValueError:
-            value = raw
+            parsed[dotted] = raw
+    return parsed
+
+
+def apply_overrides(pipeline: Pipeline, overrides: dict[str, Any]) -> Pipeline:
+    """The pipeline with params overridden for one run; nested keys by dots (train.model.depth=3)."""
+    if not overrides:
+        return pipeline
+    stages = dict(pipeline.stages)
+    for dotted, value in overrides.items():
+        name, _, key = dotted.partition(".")
+        if name not in stages:
+            raise UsageError(f"param override {dotted}: unknown stage {name!r}")
         params = json.loads(json.dumps(stages[name].params))  # deep copy
         node = params
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UsageError(f"param override {item!r}: {part} is not a mapping")
+                raise UsageError(f"param override {dotted}: {part} is not a mapping")
         node[leaf] = value
         stages[name] = stages[name].model_copy(update={"params": params})
-    if not overrides:
-        return pipeline
     return pipeline.model_copy(update={"stages": stages}).with_source(pipeline.source)
 
 
@@ -142,7 +149,8 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
 
     cancel = cancel or Cancel()
     loaded = load(request.target)
-    pipeline = apply_overrides(loaded.pipeline, request.params)
+    overrides = parse_overrides(request.params)
+    pipeline = apply_overrides(loaded.pipeline, overrides)
     plan = build_plan(pipeline, request.selection)
     secrets = loader.resolve_secrets(pipeline, os.environ)
     client = docker_executor.connect(request.docker_url)
@@ -167,7 +175,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             git_commit=_git_commit(pipeline.root),
             host=socket.gethostname(),
             pid=os.getpid(),
-            params_override=dict(p.partition("=")[::2] for p in request.params),
+            params_override=overrides,
         )
         lock.describe(run_id)
         reporter.emit(RunStarted(run_id, pipeline.display_name, plan.order))

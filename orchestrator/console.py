@@ -184,7 +184,7 @@ def _status(stage: StageRunInfo) -> str:
 
 def _out() -> Console:
     """stdout; off a terminal, wide enough that tables do not wrap in logs and pipes."""
-    console = _out()
+    console = Console()
     return console if console.is_terminal else Console(width=200)
 
 
