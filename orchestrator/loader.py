@@ -31,7 +31,6 @@ from yaml.events import (
     StreamEndEvent,
 )
 
-from orchestrator import cron
 from orchestrator.errors import SpecError, UsageError
 from orchestrator.plan import check_acyclic
 from orchestrator.spec import (
@@ -104,7 +103,7 @@ def load_pipeline(path: Path) -> Pipeline:
     _check_paths(pipeline)
     _check_machine(pipeline)
     schedule = pipeline.schedule
-    if schedule is not None and (problem := cron.schedule_problem(schedule.cron, schedule.timezone)):
+    if schedule is not None and (problem := _schedule_problem(schedule.cron, schedule.timezone)):
         raise pipeline.error(f"schedule.{problem[0]}", problem[1])
     check_acyclic(pipeline)
     return pipeline
@@ -591,3 +590,9 @@ def _read_secrets_file(pipeline: Pipeline) -> dict[str, str]:
             value = value[1:-1]
         values[name.strip()] = value
     return values
+
+
+def _schedule_problem(expression: str, timezone: str) -> tuple[str, str] | None:
+    from orchestrator import cron  # croniter is slow to import and most pipelines have no schedule
+
+    return cron.schedule_problem(expression, timezone)
