@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,8 @@ def test_connect_to_the_running_engine(docker: Any) -> None:
 
 class PrivateEngine:
     """A throwaway dockerd on its own socket and folders (issue 5): killed and restarted by a test, never the shared
-    engine. vfs storage, no bridge, no iptables, so it touches nothing the shared engine owns."""
+    engine. It lives in its own network namespace: dockerd with --bridge=none deletes any interface named docker0
+    it can see (moby daemon_unix.go removeDefaultBridgeInterface), which would break the shared engine's bridge."""
 
     def __init__(self) -> None:
         self.root = Path(
@@ -325,9 +327,9 @@ class PrivateEngine:
 
     def start(self) -> None:
         r = self.root
-        argv = ["dockerd", "--host", self.url, "--data-root", f"{r}/data", "--exec-root", f"{r}/exec",
-                "--pidfile", f"{r}/docker.pid", "--bridge", "none", "--iptables=false", "--ip-masq=false",
-                "--storage-driver", "vfs"]  # fmt: skip
+        argv = ["unshare", "--net", "dockerd", "--host", self.url, "--data-root", f"{r}/data",
+                "--exec-root", f"{r}/exec", "--pidfile", f"{r}/docker.pid", "--bridge", "none",
+                "--iptables=false", "--ip-masq=false", "--storage-driver", "vfs"]  # fmt: skip
         with open(r / "dockerd.log", "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._answers, timeout_s=60, what=f"a private dockerd on {self.url}")
@@ -340,9 +342,17 @@ class PrivateEngine:
         return True
 
     def kill(self) -> None:
+        """SIGKILL dockerd, as a crash would; then wait for its containerd to go too, so a restart starts afresh."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
+        pidfile = self.root / "exec" / "containerd" / "containerd.pid"
+        pid = int(pidfile.read_text())
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _dead_or_zombie(pid), what="the private containerd to exit")
+        # this machine's PID 1 does not reap orphans: a zombie containerd would look alive to the next dockerd
+        pidfile.unlink()
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -352,23 +362,48 @@ class PrivateEngine:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
-        data = self.root / "data"
-        if any(line.split()[1] == str(data) for line in Path("/proc/mounts").read_text().splitlines()):
-            subprocess.run(
-                ["umount", str(data)], check=False
-            )  # dockerd bind-mounts its data root onto itself
+        for pid in self._pids_under_root(("containerd", "dockerd")):  # shims of a killed daemon, if any
+            os.kill(pid, signal.SIGKILL)
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for point in sorted((m for m in mounts if m.startswith(str(self.root))), reverse=True):
+            subprocess.run(["umount", point], check=False)  # its data root bind mount, network namespaces
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _pids_under_root(self, prefixes: tuple[str, ...]) -> list[int]:
+        """Processes of this private engine only: their command line names its folder."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if (
+                entry.name.isdigit()
+                and Path(argv[0]).name.startswith(prefixes)
+                and str(self.root) in " ".join(argv)
+            ):
+                found.append(int(entry.name))
+        return found
+
+
+def _dead_or_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @pytest.fixture
 def private_engine(docker: Any) -> Iterator[tuple[PrivateEngine, Any]]:
-    if os.geteuid() != 0 or not shutil.which("dockerd"):
-        pytest.fail("the engine-fault test needs root and dockerd (scripts/engine.sh installs it)")
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("unshare"):
+        pytest.fail(
+            "the engine-fault test needs root, dockerd and unshare (scripts/engine.sh installs dockerd)"
+        )
     engine = PrivateEngine()
     try:
         engine.start()
         client = connect(engine.url)
-        client.images.load(b"".join(docker.images.get(BUSYBOX).save()))
+        client.images.load(b"".join(docker.images.get(BUSYBOX).save(named=True)))
         yield engine, client
     finally:
         engine.close()
