@@ -116,40 +116,46 @@ class LiveReporter:
         self._title = ""
 
     def emit(self, event: Event) -> None:
-        with self._lock:
-            match event:
-                case RunStarted(run_id=run_id, pipeline=name, stages=stages):
+        # Live's refresh thread renders under self._lock: start and stop it outside the lock, or stop() would
+        # wait for a refresh that waits for us.
+        match event:
+            case RunStarted(run_id=run_id, pipeline=name, stages=stages):
+                with self._lock:
                     self._title = f"run {run_id} of {name}"
                     self._rows = {s: _Row() for s in stages}
-                    self._live = Live(get_renderable=self._render, console=self._console, refresh_per_second=4)
-                    self._live.start()
-                case StagePlanned(stage=stage, will_run=will_run, reasons=reasons):
-                    if stage not in self._rows:  # dry run: no RunStarted
-                        self._console.print(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}")
-                    elif will_run:
-                        self._rows[stage].reason = ", ".join(reasons)
-                case StageStarted(stage=stage):
-                    row = self._rows.setdefault(stage, _Row())
-                    row.status, row.started = "running", time.monotonic()
-                case StageOutput(stage=stage, line=line):
-                    if stage in self._rows:
-                        self._rows[stage].tail.append(line.rstrip()[:160])
-                    else:
-                        self._console.print(Text(f"{stage} | {line.rstrip()}", style="dim"))
-                case StageRetrying(stage=stage, attempt=attempt, reason=reason):
-                    self._rows[stage].reason = f"retry {attempt}: {reason}"
-                case StageFinished(result=result):
-                    row = self._rows.setdefault(result.stage, _Row())
-                    row.status, row.took = result.status.value, result.duration_s
-                    if result.status is not StageStatus.SUCCEEDED:
-                        row.reason = result.reason
-                    row.tail.clear()
-                case RunFinished():
-                    if self._live is not None:
-                        self._live.stop()
-                        self._live = None
-                case Warning(message=message):
-                    self._console.print(Text(f"warning: {message}", style="yellow"))
+                self._live = Live(get_renderable=self._render, console=self._console, refresh_per_second=4)
+                self._live.start()
+            case RunFinished():
+                if self._live is not None:
+                    self._live.stop()
+                    self._live = None
+            case Warning(message=message):
+                self._console.print(Text(f"warning: {message}", style="yellow"))
+            case StagePlanned(stage=stage, will_run=will_run, reasons=reasons) if stage not in self._rows:
+                self._console.print(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}")  # dry run
+            case StageOutput(stage=stage, line=line) if stage not in self._rows:
+                self._console.print(Text(f"{stage} | {line.rstrip()}", style="dim"))  # image builds
+            case _:
+                with self._lock:
+                    self._update(event)
+
+    def _update(self, event: Event) -> None:
+        match event:
+            case StagePlanned(stage=stage, will_run=True, reasons=reasons):
+                self._rows[stage].reason = ", ".join(reasons)
+            case StageStarted(stage=stage):
+                row = self._rows.setdefault(stage, _Row())
+                row.status, row.started = "running", time.monotonic()
+            case StageOutput(stage=stage, line=line):
+                self._rows[stage].tail.append(line.rstrip()[:160])
+            case StageRetrying(stage=stage, attempt=attempt, reason=reason):
+                self._rows[stage].reason = f"retry {attempt}: {reason}"
+            case StageFinished(result=result):
+                row = self._rows.setdefault(result.stage, _Row())
+                row.status, row.took = result.status.value, result.duration_s
+                if result.status is not StageStatus.SUCCEEDED:
+                    row.reason = result.reason
+                row.tail.clear()
 
     def _render(self) -> Group:
         table = Table(title=self._title, title_justify="left", expand=False, box=None, padding=(0, 1))
