@@ -40,7 +40,7 @@ def pipe_containers(client: Any, owner: str) -> list[Any]:
 
     return [
         c
-        for c in client.containers.list(all=True, filters={"label": LABEL_MANAGED})
+        for c in client.containers.list(all=True, ignore_removed=True, filters={"label": LABEL_MANAGED})
         if c.labels.get(LABEL_PIPELINE, "").startswith(owner)
     ]
 
