@@ -196,15 +196,15 @@ def crontab_line(pipeline_path: Path, schedule: Schedule, pipe_executable: str, 
         if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"not an environment variable name: {name!r}")
     marker = crontab_marker(pipeline_path)
-    log = state_dir / "cron.log"
     q = shlex.quote
     assignments = "".join(f"{name}={q(value)} " for name, value in env.items())
+    # each path once, in shell variables: Debian's cron refuses lines over about 1000 characters
     command = (
-        f"mkdir -p -m 700 {q(str(state_dir))} && cd {q(str(pipeline_path.parent))} && "
-        f"{assignments}{q(pipe_executable)} run {q(str(pipeline_path))} --trigger {TRIGGER} "
-        f">> {q(str(log))} 2>&1; "
-        f"rc=$?; [ $rc -eq 0 ] || [ $rc -eq {int(ExitCode.LOCKED)} ] || "
-        f"echo {q(f'pipe: the scheduled run of {pipeline_path} exited')} \"$rc;\" see {q(str(log))}"
+        f"P={q(str(pipeline_path))} S={q(str(state_dir))}; "
+        f'mkdir -p -m 700 "$S" && cd "$(dirname "$P")" && '
+        f'{assignments}{q(pipe_executable)} run "$P" --trigger {TRIGGER} >> "$S/cron.log" 2>&1; '
+        f'rc=$?; [ $rc -eq 0 ] || [ $rc -eq {int(ExitCode.LOCKED)} ] || '
+        f'echo "pipe: the scheduled run of $P exited $rc; see $S/cron.log"'
     )
     if len(command) + len(marker) > MAX_CRON_LINE:
         raise UsageError(f"the crontab line for {pipeline_path} would be {len(command)} characters; Debian's cron "

@@ -294,7 +294,7 @@ def test_a_run_that_found_the_lock_held_stays_quiet(tmp_path: Path) -> None:
 
 def test_a_nickname_schedule_makes_a_line_cron_reads(tmp_path: Path) -> None:
     entry, report, _ = make_entry(tmp_path, 0, cron="@daily")
-    assert entry.text.splitlines()[1].startswith("@daily mkdir ")
+    assert entry.text.splitlines()[1].startswith("@daily P=")
     assert run_job(entry, tmp_path).stdout == ""
     assert report.exists()
 
