@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from orchestrator.spec import Gate
@@ -14,9 +15,10 @@ class MetricsError(ValueError):
 
 
 def read_metrics(outputs: Path, rel: str) -> dict[str, float]:
-    """Flat {dotted.key: number} from outputs/rel. A symlink is refused: it could point outside /outputs."""
+    """Flat {dotted.key: number} from outputs/rel (normalised by spec.py). A symlink anywhere on the way is
+    refused, the file's own or a folder's: the stage planted it, and it could point at any host file."""
     path = outputs / rel
-    if path.is_symlink() or not path.is_file():
+    if os.path.realpath(path) != os.path.join(os.path.realpath(outputs), rel) or not path.is_file():
         raise MetricsError(f"metrics file {rel} was not written to /outputs")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
