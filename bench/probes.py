@@ -54,6 +54,16 @@ def repeat(times: int, measure: Callable[[], float]) -> list[float]:
     return [measure() for _ in range(max(1, times))]
 
 
+def alternate(times: int, *measures: Callable[[], float]) -> list[float]:
+    """The median of each measure over `times` rounds, taken in turns (a, b, a, b, ...): a change in the machine's
+    load during the bench then moves a figure and its reference alike."""
+    samples: list[list[float]] = [[] for _ in measures]
+    for _ in range(max(1, times)):
+        for taken, measure in zip(samples, measures, strict=True):
+            taken.append(measure())
+    return [median(taken) for taken in samples]
+
+
 def run_pipe(*args: str | Path, cwd: Path | None = None, expect: int | None = 0,
              env: Mapping[str, str] | None = None) -> Timed:
     """Run `pipe ARGS` as a user would (a fresh interpreter, not on a terminal) and time it end to end."""

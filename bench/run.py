@@ -25,6 +25,8 @@ from dvc_peer import SCENARIOS, compare, install_dvc
 from probes import (
     BUSYBOX,
     BenchError,
+    Timed,
+    alternate,
     containers_started,
     floor_once,
     median,
@@ -101,16 +103,27 @@ class Bench:
     client: Any
     work: Path
     sizes: Sizes
-    floor: float = 0.0  # the median SDK floor, measured first
-    startup: float = 0.0  # the median `pipe --help`: what every command pays before it works
 
     def pipeline(self, name: str, stages: dict[str, dict[str, Any]]) -> Path:
         return wl.write_pipeline(self.work / name, stages)
 
-    def times(self, n: int, *args: str | Path) -> list[float]:
-        return repeat(n, lambda: run_pipe(*args).seconds)
+    def floor(self) -> float:
+        return floor_once(self.client, self.work / "sdk")
 
 
+def seconds(*args: str | Path, keep: list[Timed] | None = None) -> Callable[[], float]:
+    """A measure: `pipe ARGS` as a subprocess, its Timed appended to `keep`."""
+
+    def measure() -> float:
+        timed = run_pipe(*args)
+        if keep is not None:
+            keep.append(timed)
+        return timed.seconds
+
+    return measure
+
+
+STARTUP = seconds("--help")  # what every command pays before it works; taken in turns with each figure
 HEADER = ["measure", "pipe", "against", "ratio", "goal", "", "note"]
 
 
@@ -118,65 +131,62 @@ def floors(b: Bench) -> list[Row]:
     from orchestrator.docker_executor import host_kwargs
     from orchestrator.executor import ContainerSpec, Mount
 
-    owner = b.work / "sdk"
-    floor_once(b.client, owner)  # the first container after a while pays for cold engine caches
-    b.floor = median(repeat(b.sizes.floors, lambda: floor_once(b.client, owner)))
     scratch = b.work / "sdk-mounts"
     scratch.mkdir(parents=True, exist_ok=True)
     spec = ContainerSpec(name="floor", image_id=BUSYBOX, command=("true",), labels={},
                          mounts=(Mount(scratch, "/outputs", read_only=False),), memory_bytes=4 * GiB, pids=1024,
                          user=f"{os.getuid()}:{os.getgid()}")
-    sandboxed = median(repeat(b.sizes.floors, lambda: floor_once(b.client, owner, **{
-        k: v for k, v in host_kwargs(spec).items() if k not in ("command", "labels")})))
-    python = median(repeat(b.sizes.repeat, lambda: run_command([sys.executable, "-c", "pass"])))
-    b.startup = median(b.times(b.sizes.repeat, "--help"))
+    sandbox = {k: v for k, v in host_kwargs(spec).items() if k not in ("command", "labels")}
+    b.floor()  # the first container after a while pays for cold engine caches
+    floor, sandboxed = alternate(b.sizes.floors, b.floor,
+                                 lambda: floor_once(b.client, b.work / "sdk", **sandbox))
+    python, startup = alternate(b.sizes.repeat, lambda: run_command([sys.executable, "-c", "pass"]), STARTUP)
     return [
-        Row("floor: 1 container via the SDK (create, start, wait, remove; no network)", b.floor),
+        Row("floor: 1 container via the SDK (create, start, wait, remove; no network)", floor),
         Row("the same with pipe's sandbox (init, no caps, read-only, tmpfs, no network, limits)", sandboxed,
-            against="floor", reference=b.floor),
-        Row("start-up: `pipe --help`", b.startup, against="`python3 -c pass`", reference=python),
+            against="floor", reference=floor),
+        Row("start-up: `pipe --help`", startup, against="`python3 -c pass`", reference=python),
     ]
 
 
 def chain(b: Bench) -> list[Row]:
     n = b.sizes.chain
-    long = median(b.times(b.sizes.heavy, "run", b.pipeline("chain", wl.chain(n))))
-    one = median(b.times(b.sizes.heavy, "run", b.pipeline("chain1", wl.chain(1))))
-    per_stage = (long - n * b.floor) / n
-    marginal = (long - one) / (n - 1) - b.floor
+    long, one, floors_n = alternate(
+        b.sizes.heavy, seconds("run", b.pipeline("chain", wl.chain(n))),
+        seconds("run", b.pipeline("chain1", wl.chain(1))), lambda: sum(b.floor() for _ in range(n)))
+    floor = floors_n / n
     return [
         Row(f"chain of {n} trivial stages, cache off, `pipe run`", long, against=f"{n} floors",
-            reference=n * b.floor),
-        Row(f"per-stage overhead: (chain - {n} floors) / {n}", per_stage, "ms", "floor", b.floor, goal=0.030),
-        Row(f"marginal per-stage overhead: (chain{n} - chain1) / {n - 1} - floor", marginal, "ms", "floor",
-            b.floor, note="start-up excluded"),
+            reference=floors_n),
+        Row(f"per-stage overhead: (chain - {n} floors) / {n}", (long - floors_n) / n, "ms", "floor", floor,
+            goal=0.030),
+        Row(f"marginal per-stage overhead: (chain{n} - chain1) / {n - 1} - floor", (long - one) / (n - 1) - floor,
+            "ms", "floor", floor, note="start-up excluded"),
     ]
 
 
 def wide(b: Bench) -> list[Row]:
     n = b.sizes.wide
-    path = b.pipeline("wide", wl.wide(n))
-    pipe_s = median(b.times(b.sizes.heavy, "run", "--jobs", "2", path))
-    sdk_s = median(repeat(b.sizes.heavy, lambda: sdk_threads(b.client, b.work / "sdk", n, 2)))
+    pipe_s, sdk_s = alternate(b.sizes.heavy, seconds("run", "--jobs", "2", b.pipeline("wide", wl.wide(n))),
+                              lambda: sdk_threads(b.client, b.work / "sdk", n, 2))
     return [Row(f"wide DAG: {n} independent trivial stages, `--jobs 2`", pipe_s,
                 against=f"{n} SDK floors from 2 threads", reference=sdk_s, goal=sdk_s,
                 note="goal: no slower than the SDK")]
 
 
-def no_op(b: Bench, name: str, path: Path, label: str, goal: float = 0.5) -> tuple[Row, Row]:
+def no_op(b: Bench, name: str, path: Path, label: str) -> tuple[Row, Row]:
     """The cold run (once) and the no-op rerun (median) of `path`, with what the no-op read and started."""
     cold = run_pipe("run", path)
-    runs = []
-    for _ in range(b.sizes.repeat):
-        since = time.time()
-        runs.append(run_pipe("run", path))
-        started = containers_started(b.client, path.parent / "runs", since)
-        if started:
-            raise BenchError(f"the no-op rerun of {name} started {started} container(s)")
+    runs: list[Timed] = []
+    since = time.time()
+    rerun, startup = alternate(b.sizes.repeat, seconds("run", path, keep=runs), STARTUP)
+    started = containers_started(b.client, path.parent / "runs", since)
+    if started:
+        raise BenchError(f"the no-op reruns of {name} started {started} container(s)")
     read = median([r.read_bytes for r in runs])
     return (Row(f"{label}: first run (nothing cached)", cold.seconds, note="once"),
-            Row(f"{label}: no-op rerun, all cached", median([r.seconds for r in runs]), against="start-up",
-                reference=b.startup, goal=goal, note=f"0 containers; read {read / MiB:.0f} MiB"))
+            Row(f"{label}: no-op rerun, all cached", rerun, against="start-up", reference=startup, goal=0.5,
+                note=f"0 containers; read {read / MiB:.0f} MiB"))
 
 
 def fan(b: Bench) -> list[Row]:
@@ -190,34 +200,38 @@ def big_input(b: Bench) -> list[Row]:
     path = wl.write_pipeline(folder, wl.reading("data"))
     label = f"input {b.sizes.input_bytes / MiB:.0f} MiB in {b.sizes.input_files:,} files"
     cold, noop = no_op(b, "input", path, label)
-    touched = []
-    for i in range(b.sizes.repeat):
-        wl.set_mtimes(data, time.time() - wl.PAST_S - i)  # a new mtime each round: the memo misses every file
-        touched.append(run_pipe("run", path))
+    touched: list[Timed] = []
+
+    def touch_and_run() -> float:  # a new mtime each round, in the past: the memo misses every file
+        wl.set_mtimes(data, time.time() - wl.PAST_S - len(touched))
+        return seconds("run", path, keep=touched)()
+
+    after_touch, after_that = alternate(b.sizes.repeat, touch_and_run, seconds("run", path))
     read = median([t.read_bytes for t in touched])
-    return [cold, noop, Row(f"{label}: rerun after touching every file", median([t.seconds for t in touched]),
-                            against="no-op", reference=noop.value, goal=1.0, note=f"read {read / MiB:.0f} MiB")]
+    return [cold, noop, Row(f"{label}: rerun after touching every file", after_touch, against="no-op",
+                            reference=after_that, goal=1.0, note=f"read {read / MiB:.0f} MiB")]
 
 
 def hashing(b: Bench) -> list[Row]:
     data = wl.random_files(b.work / "input" / "data", b.sizes.input_bytes, b.sizes.input_files)
     size = sum(p.stat().st_size for p in wl.files_of(data))
-    total = size / 1e9
     hash_tree(data)  # both sides read from a warm page cache
 
-    def ours(workers: int) -> float:
-        started = time.perf_counter()
-        hash_tree(data, workers=workers)
-        return time.perf_counter() - started
+    def ours(workers: int) -> Callable[[], float]:
+        def measure() -> float:
+            started = time.perf_counter()
+            hash_tree(data, workers=workers)
+            return time.perf_counter() - started
+        return measure
 
     sha = ["sh", "-c", "find . -type f -print0 | xargs -0 sha256sum > /dev/null"]
-    pipe_gbs = total / median(repeat(b.sizes.heavy, lambda: ours(HASH_WORKERS)))
-    serial_gbs = total / median(repeat(b.sizes.heavy, lambda: ours(1)))
-    sha_gbs = total / median(repeat(b.sizes.heavy, lambda: run_command(sha, cwd=data)))
-    return [Row(f"cold hashing of the input ({size / MiB:.0f} MiB): hash_tree, no memo", pipe_gbs, "GB/s",
-                against="`sha256sum`", reference=sha_gbs, note="page cache warm; ratio > 1 is faster"),
-            Row("the same with workers=1 (hash_tree's default is 4 threads)", serial_gbs, "GB/s",
-                against="`sha256sum`", reference=sha_gbs, note="diagnostic")]
+    default_s, serial_s, sha_s = alternate(b.sizes.heavy, ours(HASH_WORKERS), ours(1),
+                                           lambda: run_command(sha, cwd=data))
+    gb = size / 1e9
+    return [Row(f"cold hashing of the input ({size / MiB:.0f} MiB): hash_tree, no memo", gb / default_s, "GB/s",
+                against="`sha256sum`", reference=gb / sha_s, note="page cache warm; ratio > 1 is faster"),
+            Row(f"the same with workers=1 (hash_tree's default is {HASH_WORKERS} threads)", gb / serial_s, "GB/s",
+                against="`sha256sum`", reference=gb / sha_s, note="diagnostic")]
 
 
 def planning(b: Bench) -> list[Row]:
@@ -232,24 +246,26 @@ def planning(b: Bench) -> list[Row]:
         build_plan(load_pipeline(path))
         return time.perf_counter() - started
 
+    validate, dag, startup = alternate(b.sizes.repeat, seconds("validate", "--no-images", path),
+                                       seconds("dag", path), STARTUP)
     return [
-        Row(f"planning {n:,} stages: `pipe validate --no-images`", median(b.times(b.sizes.repeat, "validate",
-            "--no-images", path)), against="start-up", reference=b.startup, goal=1.0),
-        Row(f"planning {n:,} stages: `pipe dag`", median(b.times(b.sizes.repeat, "dag", path)),
-            against="start-up", reference=b.startup, goal=1.0),
+        Row(f"planning {n:,} stages: `pipe validate --no-images`", validate, against="start-up",
+            reference=startup, goal=1.0),
+        Row(f"planning {n:,} stages: `pipe dag`", dag, against="start-up", reference=startup, goal=1.0),
         Row(f"planning {n:,} stages: load_pipeline + build_plan in-process", median(repeat(b.sizes.repeat,
             in_process)), goal=1.0, note="no interpreter start-up"),
     ]
 
 
 def history(b: Bench) -> list[Row]:
-    path = b.pipeline("history", wl.fan(3))
-    run_pipe("run", path)
-    one = median(b.times(b.sizes.repeat, "status", path))
-    runs = wl.fill_history(f"sqlite:///{path.parent / 'runs' / 'pipe.db'}", b.sizes.history)
-    many = median(b.times(b.sizes.repeat, "status", path))
-    return [Row(f"`pipe status`, {runs:,} runs in history", many, against="with 1 run", reference=one, goal=0.2,
-                note="4 stages a run")]
+    """`pipe status` of two copies of one pipeline, taken in turns: one with 1 run, one with many."""
+    many, one = b.pipeline("history", wl.fan(3)), b.pipeline("history1", wl.fan(3))
+    run_pipe("run", many)
+    run_pipe("run", one)
+    runs = wl.fill_history(f"sqlite:///{many.parent / 'runs' / 'pipe.db'}", b.sizes.history)
+    many_s, one_s = alternate(b.sizes.repeat, seconds("status", many), seconds("status", one))
+    return [Row(f"`pipe status`, {runs:,} runs in history", many_s, against="with 1 run", reference=one_s,
+                goal=0.2, note="4 stages a run")]
 
 
 def dvc(b: Bench) -> list[Row]:
@@ -290,11 +306,11 @@ def example(b: Bench) -> list[Row]:
         since = time.time()
         cold.append(run_pipe("run", path).seconds)
         started = containers_started(b.client, folder / "runs", since)
-    rerun = b.times(b.sizes.repeat, "run", path)
+    rerun, startup = alternate(b.sizes.repeat, seconds("run", path), STARTUP)
     return [Row("example pipeline: first run, nothing cached", median(cold), against="its no-op",
-                reference=median(rerun), note=f"images already built; fresh state dir; {started} containers"),
-            Row("example pipeline: no-op rerun, all cached", median(rerun), against="start-up",
-                reference=b.startup, goal=0.5)]
+                reference=rerun, note=f"images already built; fresh state dir; {started} containers"),
+            Row("example pipeline: no-op rerun, all cached", rerun, against="start-up", reference=startup,
+                goal=0.5)]
 
 
 GROUPS: dict[str, Callable[[Bench], list[Row]]] = {
