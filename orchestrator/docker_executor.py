@@ -375,17 +375,22 @@ class _CappedLog:
 
     def __exit__(self, *exc: object) -> None:
         if self._file is not None:
-            self._file.close()
+            with suppress(OSError):  # a full disk: the stage's outcome stands (its tail names ENOSPC)
+                self._file.close()
 
     def write(self, line: str) -> None:
         if self._file is None or self._truncated:
             return
         data = line.encode("utf-8") + b"\n"
-        if self._written + len(data) > LOG_CAP_BYTES:
-            self._file.write(f"[pipe: log truncated after {format_bytes(LOG_CAP_BYTES)}]\n".encode())
+        try:
+            if self._written + len(data) > LOG_CAP_BYTES:
+                self._file.write(f"[pipe: log truncated after {format_bytes(LOG_CAP_BYTES)}]\n".encode())
+                self._truncated = True
+                return
+            self._file.write(data)
+        except OSError:  # the disk is full: stop storing, keep streaming; not an engine fault
             self._truncated = True
             return
-        self._file.write(data)
         self._written += len(data)
 
 
