@@ -126,7 +126,9 @@ class StageRunner:
             shutil.rmtree(out, ignore_errors=True)  # partial outputs of an interrupted stage are discarded
             final = replace(base, status=StageStatus.CANCELLED)
         elif result.outcome is not Outcome.SUCCEEDED:
-            final = base  # never cached; left on disk for debugging
+            final = base  # never cached; left on disk for debugging, unless they filled it
+            if "no space left on device" in result.reason.lower():
+                shutil.rmtree(out, ignore_errors=True)  # else history could not record this very failure
         else:
             final = self._succeeded(name, base, out, key, ingredients)
         return self._record(final, ingredients, ", ".join(reasons))
