@@ -41,6 +41,7 @@ DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
 LOG_CAP_BYTES = 10 * 1024**2  # the stored log per attempt; the terminal still sees every line
 LINE_CAP_BYTES = 64 * 1024  # a longer "line" is passed on in pieces, so memory stays bounded
+MIN_SECRET_LINE = 4  # shorter lines of a multi-line secret are not redacted
 TAIL_LINES = 20  # kept to explain a failure (ENOSPC)
 SECRETS_TARGET = "/run/secrets"
 ENOSPC_TEXT = "no space left on device"
@@ -270,14 +271,14 @@ class DockerExecutor:
     ) -> None:
         """Pass stdout and stderr on line by line until the container ends; memory is bounded by LINE_CAP_BYTES.
 
-        Frames are the process's writes, not lines: each stream keeps its own partial line."""
-        secrets = [s.value for s in spec.secrets if s.value]
+        Frames are the process's writes, not lines: each stream keeps its own partial line. Secrets are
+        redacted before a line goes anywhere (issue 6); a long line is cut only where no secret can straddle."""
+        secrets = redactions(spec.secrets)
+        hold = max(map(len, secrets), default=0)
         with _CappedLog(spec.log_path) as log:
 
             def emit(raw: bytes) -> None:
-                line = raw.decode("utf-8", errors="replace").rstrip("\r")
-                for value in secrets:  # exact matches only; see issue 6
-                    line = line.replace(value, "***")
+                line = redact(raw, secrets).decode("utf-8", errors="replace").rstrip("\r")
                 tail.append(line)
                 log.write(line)
                 on_output(line)
@@ -290,7 +291,8 @@ class DockerExecutor:
                     *lines, rest = (partial[i] + chunk).split(b"\n")
                     for raw in lines:
                         emit(raw)
-                    while len(rest) > LINE_CAP_BYTES:
+                    while len(rest) > LINE_CAP_BYTES + hold:  # a secret begun before the cut is whole in rest
+                        rest = redact(rest, secrets)
                         emit(rest[:LINE_CAP_BYTES])
                         rest = rest[LINE_CAP_BYTES:]
                     partial[i] = rest
@@ -311,6 +313,26 @@ class DockerExecutor:
                     f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
                 ) from e
         return parse_owner(user)
+
+
+def redactions(secrets: Sequence[SecretFile]) -> list[bytes]:
+    """What to redact from a stage's output, longest first: each value, and for a multi-line one (a PEM key)
+    each of its lines, since output is redacted line by line; lines under MIN_SECRET_LINE characters of a
+    multi-line value are left alone: they hide nothing, and redacting them would garble the log."""
+    found: set[str] = set()
+    for secret in secrets:
+        lines = [line.strip() for line in secret.value.splitlines()]
+        if len(lines) == 1:
+            found.add(lines[0])
+        else:
+            found.update(line for line in lines if len(line) >= MIN_SECRET_LINE)
+    return sorted((value.encode() for value in found if value), key=len, reverse=True)
+
+
+def redact(data: bytes, secrets: Sequence[bytes]) -> bytes:
+    for value in secrets:
+        data = data.replace(value, b"***")
+    return data
 
 
 def parse_owner(user: str) -> tuple[int, int] | None:
