@@ -405,6 +405,29 @@ def test_secret_reaches_the_stage_as_a_file_and_nowhere_else(
     assert_nowhere(value, path, [])
 
 
+def test_multi_line_secret_and_one_across_a_long_line_cut_are_redacted(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    key_lines = [unique("keyline") for _ in range(3)]
+    key = "-----BEGIN TEST KEY-----\n" + "\n".join(key_lines) + "\n-----END TEST KEY-----\n"
+    token = unique("longtok")
+    # 65523 bytes, then the token: the executor's 64 KiB cut of a long line falls inside it
+    script = (
+        "cat /run/secrets/PEM_KEY; i=0; while [ $i -lt 6552 ]; do printf xxxxxxxxxx; i=$((i+1)); done; "
+        "printf abc; cat /run/secrets/LONG_TOKEN; echo"
+    )
+    path = make_pipeline({"stages": {
+        "print": {"image": BUSYBOX, "command": script, "secrets": ["PEM_KEY", "LONG_TOKEN"]},
+    }})
+    done = run_ok(path, env={"PEM_KEY": key, "LONG_TOKEN": token})
+    assert "print | ***" in done.stdout
+    log = pipe("logs", "latest", "print", path).stdout
+    assert "abc***" in log
+    for part in [*key_lines, token, token[: len(token) // 2], token[len(token) // 2 :]]:
+        assert part not in done.stdout + done.stderr + log
+        assert files_holding(path.parent / "runs", part.encode()) == []
+
+
 def test_missing_secret_is_a_validation_error_naming_it(
     docker: Any, make_pipeline: Callable[..., Path], tmp_path: Path
 ) -> None:
