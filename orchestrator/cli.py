@@ -68,7 +68,8 @@ def run(
         jobs=jobs, keep_going=keep_going, force=True if force_all else frozenset(force or ()),
         dry_run=dry_run, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=api.parse_trigger(trigger) or "manual",
     )
-    reporter = console.make_reporter(live=False if (plain or json_out) else None)
+    # with --json, stdout carries the summary alone: progress lines go to stderr
+    reporter = console.make_reporter(sys.stderr if json_out else None, live=False if (plain or json_out) else None)
     cancel = api.Cancel()
     restore = _install_signal_handlers(cancel)
     try:
