@@ -208,20 +208,23 @@ def test_an_undeclared_host_file_is_invisible(docker: Any, make_pipeline: Callab
     token = unique("undeclared")
     script = (
         "cat /workspace/notes.txt; cat notes.txt; cat ../notes.txt; cat /workspace/../notes.txt; "
+        "cat folder/link; cat folder/abs; "
         "echo found: $(find / -name notes.txt 2>/dev/null | wc -l); "
         "echo listing: $(ls -A /workspace | tr '\\n' ' '); cat data.txt; true"
     )
     path = make_pipeline(
-        {"stages": {"peek": {"image": BUSYBOX, "command": script, "inputs": ["data.txt"]}}},
-        files={"data.txt": "declared\n", "notes.txt": token + "\n"},
+        {"stages": {"peek": {"image": BUSYBOX, "command": script, "inputs": ["data.txt", "folder"]}}},
+        files={"data.txt": "declared\n", "notes.txt": token + "\n", "folder/x.txt": "x\n"},
     )
+    (path.parent / "folder" / "link").symlink_to("../notes.txt")  # inside the folder, so the loader allows it
+    (path.parent / "folder" / "abs").symlink_to(path.parent / "notes.txt")
     before = snapshot(path.parent)
     done = run_ok(path)
     out = stage_lines(done.stdout, "peek")
     assert token not in done.stdout + done.stderr
     assert "declared" in out, "the declared input is visible, so the probe itself works"
     assert "found: 0" in out
-    assert "listing: data.txt" in out
+    assert "listing: data.txt folder" in out
     assert snapshot(path.parent) == before
 
 
@@ -381,6 +384,9 @@ def test_secret_reaches_the_stage_as_a_file_and_nowhere_else(
     host = attrs["HostConfig"]
     assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] and not host["Privileged"]
     assert host["NetworkMode"] == "none" and host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Init"] is True and host["PidMode"] == "" and host["IpcMode"] == "private"
+    assert host["Memory"] == host["MemorySwap"] == 4 * 1024**3 and host["PidsLimit"] == 1024  # the defaults
+    assert host["Tmpfs"] == {"/tmp": f"rw,size={256 * 1024**2},mode=1777"}
     sources = [m["Source"] for m in attrs["Mounts"]]
     assert all(s.startswith((str(path.parent.resolve()) + "/", "/dev/shm/pipe-secrets-")) for s in sources), sources
     assert "/var/run/docker.sock" not in json.dumps(attrs)
