@@ -378,7 +378,7 @@ def status(target: Target) -> StatusReport:
 
 def stage_running(target: Target, run_id: str, stage: str) -> bool:
     info = show_run(target, run_id)
-    return info.status == RunStatus.RUNNING and any(s.stage == stage and s.status == "running" for s in info.stages)
+    return info.status == RunStatus.RUNNING and any(s.stage == stage and s.status is None for s in info.stages)
 
 
 # ---- cache ------------------------------------------------------------------------------------------------------
