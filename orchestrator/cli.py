@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import typer
 
 from orchestrator import api, console
-from orchestrator.errors import ExitCode, PipeError, UsageError
+from orchestrator.errors import ExitCode, NotFound, PipeError, UsageError
 from orchestrator.plan import Selection
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -179,6 +179,10 @@ def logs(
     """Print a stage's stored log."""
     target = _target(pipeline, state_dir, db)
     info, path = api.log_path(target, run_id, stage)
+    while follow and not path.exists() and api.stage_running(target, info.id, stage):
+        time.sleep(0.3)  # started, but its container has not written the log yet
+    if not path.exists():
+        raise NotFound(f"stage {stage} of run {info.id} has no log file at {path}")
     with open(path, "rb") as f:
         sys.stdout.buffer.write(f.read())
         sys.stdout.flush()
