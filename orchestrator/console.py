@@ -306,7 +306,7 @@ def status_json(report: Any) -> dict[str, Any]:
         "pipeline": report.pipeline.display_name,
         "run": run.to_json() if run else None,
         "stages": {
-            s.stage: {"status": s.status, "reason": s.reason, "exit_code": s.exit_code, "duration_s": s.duration_s,
+            s.stage: {"status": _status(s), "reason": s.reason, "exit_code": s.exit_code, "duration_s": s.duration_s,
                       "outputs_path": s.outputs_path, "cached_from": s.cached_from}
             for s in (run.stages if run else ())
         },
