@@ -296,6 +296,7 @@ class DockerExecutor:
                         emit(rest[:LINE_CAP_BYTES])
                         rest = rest[LINE_CAP_BYTES:]
                     partial[i] = rest
+                log.flush()  # per frame, not per line: `pipe logs -f` sees what the stage wrote
             for rest in partial:
                 if rest:
                     emit(rest)
@@ -414,6 +415,14 @@ class _CappedLog:
             self._truncated = True
             return
         self._written += len(data)
+
+    def flush(self) -> None:
+        if self._file is None or self._truncated:
+            return
+        try:
+            self._file.flush()
+        except OSError:  # the disk is full: as in write
+            self._truncated = True
 
 
 class _Deadline:
