@@ -103,7 +103,8 @@ class StageRunner:
         self.reporter.emit(StagePlanned(name, True, tuple(reasons)))
         self._prepare(name, out)
         started = datetime.now(UTC)
-        self.store.mark_stage_running(self.run_id, name, attempt, started)
+        self.store.mark_stage_running(self.run_id, name, attempt, started,
+                                      log_path=str(self.state.log_path(self.run_id, name)))
         spec = self._container_spec(name, out)
         result = self.executor.run(spec, lambda line: self.reporter.emit(StageOutput(name, line)))
         base = StageResult(
