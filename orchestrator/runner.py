@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator.cache import KEY_VERSION, Cache, Ingredients, Manifest, explain_miss
+from orchestrator.errors import PipeError
 from orchestrator.events import Reporter, StageOutput, StagePlanned, Warning
 from orchestrator.executor import (
     LABEL_HOST,
@@ -186,7 +187,10 @@ class StageRunner:
 
     def _succeeded(self, name: str, base: StageResult, out: Path, key: str, ingredients: Ingredients) -> StageResult:
         stage = self.pipeline.stages[name]
-        tree = hash_tree(out)
+        try:
+            tree = hash_tree(out)
+        except PipeError as e:  # the stage left a fifo, socket, device or unreadable file: its fault, not pipe's
+            return replace(base, reason=f"outputs not stored: {e}")
         if stage.cache:
             self.cache.save(key, out, tree, ingredients, self.run_id, name)
         result = replace(base, status=StageStatus.SUCCEEDED, reason="", outputs_digest=tree.digest,
