@@ -204,6 +204,23 @@ def test_metrics_behind_a_planted_folder_link_are_not_read(
     assert files_holding(path.parent / "runs", str(value).encode()) == []
 
 
+def test_a_fifo_planted_in_outputs_fails_the_stage_not_pipe(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {
+        "plant": {"image": BUSYBOX, "command": "mkfifo /outputs/pipe && echo planted"},
+        "after": {"image": BUSYBOX, "command": "cat /inputs/plant/pipe", "needs": ["plant"]},
+    }})
+    done = pipe("run", path, timeout=120)  # reading the fifo would block pipe for ever
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = pipe_json("show", "latest", path)
+    stages = stages_of(report)
+    assert stages["plant"]["status"] == "failed" and not stages["plant"]["infra_error"]
+    assert "is a fifo, socket or device" in stages["plant"]["reason"]
+    assert stages["after"]["status"] == "skipped"
+    assert not list((path.parent / "runs" / "cache").rglob("*.json")), "a failed stage is never cached"
+
+
 def test_an_undeclared_host_file_is_invisible(docker: Any, make_pipeline: Callable[..., Path]) -> None:
     token = unique("undeclared")
     script = (
