@@ -71,7 +71,7 @@ def test_run_off_a_terminal_prints_plain_timestamped_lines(docker: Any, make_pip
     done = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path)], capture_output=True, check=False)
     assert done.returncode == 0
     assert not ANSI.search(done.stdout + done.stderr), "no control codes under cron or CI"
-    assert re.search(rb"^\d\d:\d\d:\d\d a \| hello$", done.stdout, re.M)
+    assert re.search(rb"^\d\d:\d\d:\d\d a \| hello$", done.stdout, re.MULTILINE)
 
 
 def test_run_on_a_terminal_shows_a_live_view(docker: Any, make_pipeline: Callable[..., Path]) -> None:
