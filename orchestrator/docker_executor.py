@@ -378,7 +378,15 @@ def _secrets_dir(secrets: Sequence[SecretFile], owner: tuple[int, int] | None) -
         inner.chmod(0o500 if chown else 0o555)
         yield inner
     finally:
-        shutil.rmtree(outer, ignore_errors=True)
+        _remove_secrets(outer)
+
+
+def _remove_secrets(outer: Path) -> None:
+    """Remove a secrets folder made by _secrets_dir. Its inner folder is read-only (0500/0555), which stops
+    even its owner from deleting the files in it, so it is made writable first (its owner, or root, may)."""
+    with suppress(OSError):
+        (outer / "secrets").chmod(0o700)
+    shutil.rmtree(outer, ignore_errors=True)
 
 
 class _CappedLog:
@@ -502,6 +510,11 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
             if not alive[run_id]:
                 with suppress(docker.errors.APIError):  # gone, or removal in progress
                     client.api.remove_container(row["Id"], force=True)
+                for mount in row.get("Mounts") or ():  # its pipe died before removing the secrets folder
+                    source = Path(str(mount.get("Source") or "/"))
+                    made_by_pipe = source.name == "secrets" and source.parent.name.startswith("pipe-secrets-")
+                    if mount.get("Destination") == SECRETS_TARGET and made_by_pipe:
+                        _remove_secrets(source.parent)
                 dead.add(run_id)
     except ENGINE_FAULTS as e:
         raise EngineError(
