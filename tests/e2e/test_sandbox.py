@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 import subprocess
 import sys
@@ -449,6 +450,61 @@ def test_multi_line_secret_and_one_across_a_long_line_cut_are_redacted(
     for part in [*key_lines, token, token[:13], token[13:]]:
         assert part not in done.stdout + done.stderr + log
         assert files_holding(path.parent / "runs", part.encode()) == []
+
+
+def unprivileged(*args: str | Path) -> list[str]:
+    """`pipe ARGS` without root's power over file modes, as any other user runs it (uid stays; the engine's
+    socket still answers)."""
+    command = [sys.executable, "-m", "orchestrator", *map(str, args)]
+    if os.geteuid() != 0:
+        return command
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed to drop root's file capabilities"
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--", *command]
+
+
+def secret_files_holding(value: str) -> list[Path]:
+    """Files of pipe's secrets folders on the host tmpfs that hold `value`."""
+    return [p for p in Path("/dev/shm").glob("pipe-secrets-*/**/*") if p.is_file() and value.encode() in p.read_bytes()]
+
+
+def test_secret_files_leave_the_host_when_the_run_ends(docker: Any, make_pipeline: Callable[..., Path]) -> None:
+    value = unique("shmtok")
+    path = make_pipeline({"stages": {
+        "use": {"image": BUSYBOX, "command": "cat /run/secrets/SHM_TOKEN > /dev/null", "secrets": ["SHM_TOKEN"]},
+    }})
+    done = subprocess.run(
+        unprivileged("run", path), capture_output=True, text=True, check=False, timeout=300,
+        env={**os.environ, "SHM_TOKEN": value},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert secret_files_holding(value) == []
+
+
+def test_secret_files_of_a_killed_run_are_removed_by_the_next(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    value = unique("killtok")
+    path = make_pipeline({"stages": {
+        "slow": {"image": BUSYBOX, "command": "echo started; sleep 120", "secrets": ["KILL_TOKEN"]},
+    }})
+    proc = subprocess.Popen(
+        unprivileged("run", path), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "KILL_TOKEN": value},
+    )
+    try:
+        assert proc.stdout is not None
+        wait_for(lambda: "slow | started" in (proc.stdout.readline() or ""), what="the stage to start")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert secret_files_holding(value), "a SIGKILL leaves the secrets folder behind by necessity"
+    path.write_text(path.read_text().replace("sleep 120", "true"))
+    done = subprocess.run(
+        unprivileged("run", path), capture_output=True, text=True, check=False, timeout=300,
+        env={**os.environ, "KILL_TOKEN": unique("next")},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert secret_files_holding(value) == []
 
 
 def test_missing_secret_is_a_validation_error_naming_it(
