@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,12 +126,12 @@ class StageRunner:
             outputs_path=str(out),
         )
         if result.outcome is Outcome.CANCELLED:
-            shutil.rmtree(out, ignore_errors=True)  # partial outputs of an interrupted stage are discarded
+            remove_outputs(out)  # partial outputs of an interrupted stage are discarded
             final = replace(base, status=StageStatus.CANCELLED)
         elif result.outcome is not Outcome.SUCCEEDED:
             final = base  # never cached; left on disk for debugging, unless they filled it
             if "no space left on device" in result.reason.lower():
-                shutil.rmtree(out, ignore_errors=True)  # else history could not record this very failure
+                remove_outputs(out)  # else history could not record this very failure
         else:
             final = self._succeeded(name, base, out, key, ingredients)
         return self._record(final, ingredients, ", ".join(reasons))
@@ -139,7 +140,7 @@ class StageRunner:
         return miss_reasons(self.pipeline, name, ingredients, self.store, self.force)
 
     def _prepare(self, name: str, out: Path) -> None:
-        shutil.rmtree(out, ignore_errors=True)  # a retry starts from an empty /outputs
+        remove_outputs(out)  # a retry starts from an empty /outputs
         out.mkdir(parents=True)
         meta = self.state.meta_dir(self.run_id, name)
         meta.mkdir(parents=True, exist_ok=True)
@@ -201,7 +202,7 @@ class StageRunner:
         self.reporter.emit(StagePlanned(name, False, (f"cached from run {manifest.run_id}",)))
         out = self.state.outputs_dir(self.run_id, name)
         now = datetime.now(UTC)
-        shutil.rmtree(out, ignore_errors=True)
+        remove_outputs(out)
         self.cache.restore(manifest, out)
         tree = TreeDigest(manifest.digest, manifest.files, manifest.empty_dirs)
         result = StageResult(
@@ -253,6 +254,24 @@ class StageRunner:
             gate_passed=gate_passed,
         )
         return result
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete a stage's outputs folder, with the folders the stage made read-only (a 0500 folder stops even
+    its owner from deleting in it): each is opened to its owner first. Symlinks are never followed: the
+    stage planted them, and they could name any host path. Called only once the container is gone."""
+    if out.is_symlink() or not out.is_dir():
+        out.unlink(missing_ok=True)
+        return
+    with suppress(OSError):
+        out.chmod(0o700)
+    for folder, dirs, _ in os.walk(out):  # top-down: a folder is opened before it is listed
+        for name in dirs:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                with suppress(OSError):
+                    os.chmod(path, 0o700)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def artifacts_of(tree: TreeDigest) -> tuple[Artifact, ...]:
