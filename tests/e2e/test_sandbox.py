@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -220,6 +221,39 @@ def test_a_fifo_planted_in_outputs_fails_the_stage_not_pipe(
     assert "is a fifo, socket or device" in stages["plant"]["reason"]
     assert stages["after"]["status"] == "skipped"
     assert not list((path.parent / "runs" / "cache").rglob("*.json")), "a failed stage is never cached"
+
+
+READ_ONLY_FOLDER = "mkdir -p /outputs/d/e && echo a > /outputs/d/e/a.txt && chmod 500 /outputs/d/e /outputs/d"
+
+
+def test_read_only_folders_left_by_a_failed_attempt_do_not_stop_the_retry(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"flaky": {
+        "image": BUSYBOX, "command": f"{READ_ONLY_FOLDER} && echo attempt; exit 1",
+        "retries": 1, "retry_delay": "10ms", "retry_on": ["error"],
+    }}})
+    done = subprocess.run(unprivileged("run", path), capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    stage = stages_of(pipe_json("show", "latest", path))["flaky"]
+    assert stage["attempts"] == 2 and stage["reason"] == "exited with code 1", stage
+    assert stage_lines(done.stdout, "flaky") == ["attempt", "attempt"]
+
+
+def test_read_only_folders_of_a_cancelled_stage_are_discarded(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"slow": {
+        "image": BUSYBOX, "command": f"{READ_ONLY_FOLDER} && echo started; sleep 60",
+    }}})
+    proc = subprocess.Popen(unprivileged("run", path), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    wait_for(lambda: "slow | started" in (proc.stdout.readline() or ""), what="the stage to start")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    report = pipe_json("status", path)
+    assert report["stages"]["slow"]["status"] == "cancelled"
+    assert not (path.parent / "runs" / report["run"]["id"] / "slow").exists(), "partial outputs are discarded"
 
 
 def test_an_undeclared_host_file_is_invisible(docker: Any, make_pipeline: Callable[..., Path]) -> None:
