@@ -14,7 +14,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
 from orchestrator.store import Store
 from orchestrator.store.records import MetricPoint, RunInfo
+from orchestrator.units import format_duration
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def validate(target: Target, check_images: bool = True, docker_url: str | None =
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None) -> RunSummary:
     from orchestrator import docker_executor, images, parallel
     from orchestrator.cache import Cache
-    from orchestrator.runner import StageRunner, hash_inputs, predict
+    from orchestrator.runner import StageRunner, container_user, hash_inputs, predict
 
     cancel = cancel or Cancel()
     loaded = load(request.target)
@@ -203,10 +204,14 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             on_cancel=executor.stop_all,
             fatal=(StoreError,),
         )
-        for result in report.results.values():
-            if result.status is StageStatus.SKIPPED:
-                store.record_stage(run_id, result, ingredients_json=None, user=None, hermetic=True, gate_passed=None)
-        summary = summarize(run_id, report.results, cancel if report.cancelled and not report.deadline_hit else None)
+        results = dict(report.results)
+        for name, result in results.items():
+            if report.deadline_hit and result.status is StageStatus.CANCELLED:
+                results[name] = replace(result, reason=f"cancelled: run timed out after {format_duration(request.timeout_s or 0)}")
+            if result.status is StageStatus.SKIPPED or results[name] is not result:  # the runner never saw these
+                stage = pipeline.stages[name]
+                store.record_stage(run_id, results[name], user=container_user(stage.user), hermetic=not stage.network)
+        summary = summarize(run_id, results, cancel if report.cancelled and not report.deadline_hit else None)
         store.finish_run(run_id, summary.status, summary.exit_code)
         reporter.emit(RunFinished(summary))
         return summary

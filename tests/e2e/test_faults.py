@@ -40,7 +40,7 @@ def test_run_timeout_cancels_the_running_stage(docker: Any, make_pipeline: Calla
     run = pipe_json("show", "latest", path)
     assert run["status"] == "failed"
     rows = {s["stage"]: s for s in run["stages"]}
-    assert (rows["slow"]["status"], rows["slow"]["reason"]) == ("cancelled", "cancelled")
+    assert (rows["slow"]["status"], rows["slow"]["reason"]) == ("cancelled", "cancelled: run timed out after 2.00s")
     assert (rows["after"]["status"], rows["after"]["reason"]) == ("skipped", "skipped: run timed out after 2.00s")
     assert not list((path.parent / "runs" / "cache").rglob("*.json"))
 
