@@ -42,6 +42,8 @@ from orchestrator.hashing import hash_tree
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 MiB, GiB = 1024**2, 1024**3
+BUSY_NOTE = ("The machine was busy (a load average above its {cpus} CPUs): absolute figures are inflated by other "
+             "work; the ratios, each taken in turns with its reference, are the comparable part.")
 HASH_WORKERS = inspect.signature(hash_tree).parameters["workers"].default  # what `pipe run` uses
 
 
@@ -348,13 +350,15 @@ def render(rows: list[Row], judge: bool) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, rows: list[Row], about: list[tuple[str, str]], sizes: Sizes, command: str) -> None:
+def write_results(path: Path, rows: list[Row], about: list[tuple[str, str]], sizes: Sizes, command: str,
+                  busy: bool) -> None:
     text = [
         "# Benchmark results", "",
         (f"Written by `{command}` (bench/run.py); see bench/README.md for what each row measures. Each figure is "
          f"the median of {sizes.repeat} runs ({sizes.heavy} for rows that start 20 containers or more; rows "
          "marked \"once\" are single runs). The ratio is pipe's figure divided by the one named beside it."), "",
         "## Machine", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in about), "",
+        *([BUSY_NOTE.format(cpus=os.cpu_count()), ""] if busy else []),
         "## Results", "", render(rows, judge=True), "",
     ]
     path.write_text("\n".join(text))
@@ -378,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     client = docker.from_env(timeout=300)
     about = machine(client)
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
     bench = Bench(client, work, sizes)
     groups = ["floor", *(g for g in GROUPS if g != "floor" and (not args.only or g in args.only))]
     rows: list[Row] = []
@@ -398,12 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     if leftovers:
         failed = True
         rows.append(Row("leftover containers", None, note=f"FAILED: removed {', '.join(leftovers)}"))
+    busy = busy or os.getloadavg()[0] > (os.cpu_count() or 1)
     about += [("load average at end", " ".join(f"{x:.2f}" for x in os.getloadavg())),
               ("bench wall time", f"{time.perf_counter() - started:.0f} s")]
     print(render(rows, judge=not args.quick))
     if results is not None:
         command = "python3 bench/run.py" + (" --quick" if args.quick else "")
-        write_results(results, rows, about, sizes, command)
+        write_results(results, rows, about, sizes, command, busy)
         print(f"wrote {results}", file=sys.stderr)
     return 1 if failed else 0
 
