@@ -18,8 +18,6 @@ from sqlalchemy.sql.expression import Executable
 from orchestrator.hashing import StatKey
 from orchestrator.store.models import FileHashRow
 
-FLUSH_CHUNK = 500  # rows per INSERT statement; SQLite caps the variables of one statement
-
 _INT64 = 1 << 63
 
 
@@ -59,10 +57,10 @@ class SqlHashMemo:
             if not pending:
                 return
             try:
-                items = list(pending.items())
+                rows = [{"path": path, "dev": _signed(key[0]), "ino": _signed(key[1]), "size": key[2],
+                         "mtime_ns": key[3], "digest": digest} for path, (key, digest) in pending.items()]
                 with self._write() as session:
-                    for start in range(0, len(items), FLUSH_CHUNK):
-                        session.execute(_upsert(session, items[start:start + FLUSH_CHUNK]))
+                    session.execute(_upsert(session), rows)  # one statement, executed for many rows
             except BaseException:
                 self._pending = {**pending, **self._pending}
                 raise
@@ -79,15 +77,15 @@ class SqlHashMemo:
         return self._known
 
 
-def _upsert(session: Session, chunk: list[tuple[str, tuple[StatKey, str]]]) -> Executable:
-    """INSERT ... ON CONFLICT (path) DO UPDATE, which both SQLite and PostgreSQL (db.SUPPORTED) spell alike."""
-    rows = [{"path": path, "dev": _signed(key[0]), "ino": _signed(key[1]), "size": key[2],
-             "mtime_ns": key[3], "digest": digest} for path, (key, digest) in chunk]
+def _upsert(session: Session) -> Executable:
+    """INSERT ... ON CONFLICT (path) DO UPDATE, which both SQLite and PostgreSQL (db.SUPPORTED) spell alike. Compiled
+    once and executed with a list of rows: a multi-VALUES statement per chunk compiled anew each time (1 s for
+    10,000 rows)."""
     columns = ("dev", "ino", "size", "mtime_ns", "digest")
     if session.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects import postgresql  # ~0.1 s to import: only when the database is PostgreSQL
 
-        pg = postgresql.insert(FileHashRow).values(rows)
+        pg = postgresql.insert(FileHashRow)
         return pg.on_conflict_do_update(index_elements=["path"], set_={c: pg.excluded[c] for c in columns})
-    lite = sqlite.insert(FileHashRow).values(rows)
+    lite = sqlite.insert(FileHashRow)
     return lite.on_conflict_do_update(index_elements=["path"], set_={c: lite.excluded[c] for c in columns})
