@@ -234,8 +234,10 @@ class DockerExecutor:
             stats.start()
             self._stream(frames, spec, on_output, tail)
             exit_code = int(container.wait()["StatusCode"])
-            container.reload()
-            state = container.attrs["State"]
+            state: dict[str, Any] = {}
+            if exit_code != 0:  # only a failure needs the state (OOMKilled; removed behind pipe's back)
+                container.reload()
+                state = container.attrs["State"]
             if state.get("Status") == "removing":
                 return _result(
                     Outcome.ERROR, exit_code, "container vanished (removed outside pipe)", started_at
@@ -457,6 +459,9 @@ class _Deadline:
             self._timer.cancel()
 
 
+STATS_DELAY_S = 0.5
+
+
 class _Stats:
     """Samples the engine's stats stream in a daemon thread: peak memory and CPU seconds (cgroup v1 and v2).
 
@@ -477,6 +482,8 @@ class _Stats:
         self._done.set()
 
     def _sample(self) -> None:
+        if self._done.wait(STATS_DELAY_S):  # a short stage ends before the engine's first sample anyway
+            return
         try:
             for sample in self._client.api.stats(self._id, stream=True, decode=True):
                 if self._done.is_set():
