@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ def pipe_containers(client: Any, owner: str) -> list[Any]:
         for c in client.containers.list(all=True, ignore_removed=True, filters={"label": LABEL_MANAGED})
         if c.labels.get(LABEL_PIPELINE, "").startswith(owner)
     ]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll until condition() is truthy, with a deadline (no bare sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

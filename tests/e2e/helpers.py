@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,3 @@ def containers_created(client: Any, owner: Path, since: float) -> int:
         filters={"type": "container", "event": "create", "label": f"{LABEL_PIPELINE}={owner}"},
     )
     return sum(1 for e in events if e.get("timeNano", 0) >= since * 1e9)  # `since` has whole-second resolution
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    """Poll until condition() is truthy, with a deadline (no bare sleeps in tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

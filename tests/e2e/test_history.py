@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.hashing import hash_file
-from tests.conftest import BUSYBOX
-from tests.e2e.helpers import containers_created, pipe, pipe_json, start_pipe, wait_for
+from tests.conftest import BUSYBOX, wait_for
+from tests.e2e.helpers import containers_created, pipe, pipe_json, start_pipe
 from tests.e2e.test_run import HANDOFF
 
 # A stage that says "waiting" and blocks until the test creates gate/go: "running" without any timing.

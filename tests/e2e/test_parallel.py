@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
-from tests.conftest import BUSYBOX
-from tests.e2e.helpers import pipe, pipe_json, wait_for
+from tests.conftest import BUSYBOX, wait_for
+from tests.e2e.helpers import pipe, pipe_json
 
 # Stamp the start, wait for the gate (at most `limit` tenths of a second), stamp the end.
 GATED = (

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BUSYBOX
-from tests.e2e.helpers import containers_created, pipe, pipe_json, start_pipe, wait_for
+from tests.conftest import BUSYBOX, wait_for
+from tests.e2e.helpers import containers_created, pipe, pipe_json, start_pipe
 
 HANDOFF = {
     "stages": {

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from orchestrator.executor import LABEL_PIPELINE, LABEL_STAGE
-from tests.conftest import BUSYBOX
-from tests.e2e.helpers import containers_created, pipe, pipe_json, wait_for
+from tests.conftest import BUSYBOX, wait_for
+from tests.e2e.helpers import containers_created, pipe, pipe_json
 
 Snapshot = dict[str, tuple[str, bytes | str, int]]
 

@@ -14,8 +14,8 @@ import pytest
 
 from orchestrator import api
 from orchestrator.events import NullReporter
-from tests.conftest import BUSYBOX
-from tests.e2e.helpers import pipe, pipe_json, wait_for
+from tests.conftest import BUSYBOX, wait_for
+from tests.e2e.helpers import pipe, pipe_json
 
 SCHEDULED = {
     "name": "nightly",

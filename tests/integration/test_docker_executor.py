@@ -9,7 +9,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -29,39 +28,16 @@ from orchestrator.executor import (
     Outcome,
     SecretFile,
 )
+from tests.conftest import BUSYBOX, wait_for
+from tests.integration.conftest import run
 
-BUSYBOX = "pipe-busybox:latest"
 MiB = 1024**2
-
-
-@pytest.fixture
-def labels(tmp_path: Path) -> dict[str, str]:
-    return {LABEL_MANAGED: "1", LABEL_PIPELINE: str(tmp_path)}
-
-
-@pytest.fixture
-def executor(docker: Any) -> DockerExecutor:
-    return DockerExecutor(docker)
 
 
 def sh(script: str, labels: dict[str, str], **fields: Any) -> ContainerSpec:
     return ContainerSpec(
         name="stage", image_id=BUSYBOX, command=("sh", "-c", script), labels=labels, **fields
     )
-
-
-def run(executor: DockerExecutor, spec: ContainerSpec) -> tuple[ExecResult, list[str]]:
-    lines: list[str] = []
-    return executor.run(spec, lines.append), lines
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def running_container(docker: Any, tmp_path: Path) -> Any:
@@ -332,7 +308,7 @@ class PrivateEngine:
                 "--iptables=false", "--ip-masq=false", "--storage-driver", "vfs"]  # fmt: skip
         with open(r / "dockerd.log", "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._answers, timeout_s=60, what=f"a private dockerd on {self.url}")
+        wait_for(self._answers, timeout=60, what=f"a private dockerd on {self.url}")
 
     def _answers(self) -> bool:
         try:

@@ -14,8 +14,7 @@ from orchestrator import images
 from orchestrator.errors import ImageError
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.spec import Pipeline, Source
-
-BUSYBOX = "pipe-busybox:latest"
+from tests.conftest import BUSYBOX
 
 
 @pytest.fixture

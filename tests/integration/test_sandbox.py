@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from orchestrator.docker_executor import DockerExecutor
 from orchestrator.executor import (
-    LABEL_MANAGED,
     LABEL_PIPELINE,
     ContainerSpec,
     ExecResult,
     Outcome,
     SecretFile,
 )
+from tests.conftest import BUSYBOX, wait_for
+from tests.integration.conftest import run
 
-BUSYBOX = "pipe-busybox:latest"
 MiB = 1024**2
 USER = "1000:1000"
 SECRET = "pipe-test-secret-3f9a1c77"
-
-
-@pytest.fixture
-def labels(tmp_path: Path) -> dict[str, str]:
-    return {LABEL_MANAGED: "1", LABEL_PIPELINE: str(tmp_path)}
-
-
-@pytest.fixture
-def executor(docker: Any) -> DockerExecutor:
-    return DockerExecutor(docker)
 
 
 def sh(script: str, labels: dict[str, str], **fields: Any) -> ContainerSpec:
@@ -42,20 +28,6 @@ def sh(script: str, labels: dict[str, str], **fields: Any) -> ContainerSpec:
     return ContainerSpec(
         name="stage", image_id=BUSYBOX, command=("sh", "-c", script), labels=labels, **fields
     )
-
-
-def run(executor: DockerExecutor, spec: ContainerSpec) -> tuple[ExecResult, list[str]]:
-    lines: list[str] = []
-    return executor.run(spec, lines.append), lines
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for the container")
 
 
 def inspect_while_running(
