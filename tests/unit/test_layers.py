@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 LAYER = {
     "errors": 0, "units": 0,
     "spec": 1, "executor": 1, "results": 1, "events": 1, "hashing": 1, "store.records": 1, "metrics": 1,
-    "loader": 2, "plan": 2, "cron": 2, "cache": 2, "state": 2,
+    "yamlfile": 2, "loader": 2, "plan": 2, "cron": 2, "cache": 2, "state": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "runner": 3,
     "api": 4,
@@ -20,7 +20,7 @@ LIBRARIES = {
     "docker": {"docker_executor", "images"},
     "sqlalchemy": {"store"},  # and every store.* module but store.records
     "networkx": {"plan"},
-    "yaml": {"loader"},
+    "yaml": {"yamlfile"},
     "typer": {"cli"},
     "rich": {"console"},
     "croniter": {"cron"},

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from orchestrator.errors import SpecError, UsageError
-from orchestrator.loader import MAX_FILE_BYTES, load_pipeline, resolve_secrets
+from orchestrator.loader import load_pipeline, resolve_secrets
 from orchestrator.spec import Build, Pipeline
 from orchestrator.units import format_bytes
+from orchestrator.yamlfile import MAX_FILE_BYTES
 
 MakePipeline = Callable[..., Path]
 
