@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import errno
-import os
-import stat
 from pathlib import Path
 
 import docker.errors
-import pytest
 
-from orchestrator import docker_executor
 from orchestrator.docker_executor import (
-    _CappedLog,
-    _secrets_dir,
     classify,
     host_kwargs,
-    parse_owner,
     short_reason,
 )
 from orchestrator.executor import LABEL_MANAGED, ContainerSpec, Mount, Outcome, SecretFile
@@ -146,15 +139,6 @@ def test_classify_names_enospc_from_the_last_lines() -> None:
     assert reason == "exited with code 1: no space left on device (ENOSPC)"
 
 
-def test_parse_owner() -> None:
-    assert parse_owner("1000:1000") == (1000, 1000)
-    assert parse_owner("1000") == (1000, 0)
-    assert parse_owner("") == (0, 0)
-    assert parse_owner("root") == (0, 0)
-    assert parse_owner("app") is None
-    assert parse_owner("1000:staff") is None
-
-
 def test_short_reason_finds_the_os_error_in_a_chain() -> None:
     try:
         try:
@@ -166,46 +150,3 @@ def test_short_reason_finds_the_os_error_in_a_chain() -> None:
     assert short_reason(docker.errors.DockerException("a\nb   c")) == "a b c"
 
 
-def test_log_is_capped_with_a_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(docker_executor, "LOG_CAP_BYTES", 100)
-    path = tmp_path / "logs" / "train.log"
-    with _CappedLog(path) as log:
-        for i in range(50):
-            log.write(f"line {i}")
-    lines = path.read_text().splitlines()
-    assert lines[-1] == "[pipe: log truncated after 100 B]"
-    assert lines[:-1] == [f"line {i}" for i in range(len(lines) - 1)]
-    assert sum(len(line) + 1 for line in lines[:-1]) <= 100
-
-
-def test_secrets_dir_is_private_and_removed() -> None:
-    me = (os.getuid(), os.getgid())
-    with _secrets_dir((SecretFile("API_TOKEN", "v1"), SecretFile("DB", "v2")), me) as inner:
-        assert inner is not None
-        outer = inner.parent
-        assert stat.S_IMODE(outer.stat().st_mode) == 0o700
-        assert (inner / "API_TOKEN").read_text() == "v1"
-        assert stat.S_IMODE((inner / "DB").stat().st_mode) == 0o400
-        assert (inner / "DB").stat().st_uid == me[0]
-    assert not outer.exists()
-
-
-def test_secrets_dir_is_removed_when_writing_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[Path] = []
-    real_mkdtemp = docker_executor.tempfile.mkdtemp
-
-    def recording_mkdtemp(**kwargs: str) -> str:
-        made.append(Path(real_mkdtemp(**kwargs)))
-        return str(made[-1])
-
-    monkeypatch.setattr(docker_executor.tempfile, "mkdtemp", recording_mkdtemp)
-    secrets = (SecretFile("OK", "v"), SecretFile("../escape", "v"))
-    with pytest.raises(ValueError, match="unsafe secret name"), _secrets_dir(secrets, (0, 0)):
-        pass
-    assert len(made) == 1
-    assert not made[0].exists()
-
-
-def test_no_secrets_means_no_folder() -> None:
-    with _secrets_dir((), None) as inner:
-        assert inner is None
