@@ -24,6 +24,7 @@ from docker.types import Mount as DockerMount
 
 from orchestrator.errors import EngineError
 from orchestrator.executor import (
+    DISK_FULL,
     LABEL_MANAGED,
     LABEL_PIPELINE,
     LABEL_RUN,
@@ -152,7 +153,7 @@ def classify(
         except ValueError:
             pass
     if any(ENOSPC_TEXT in line.lower() for line in tail):
-        reason += ": no space left on device (ENOSPC)"
+        reason += f": {DISK_FULL}"
     return Outcome.FAILED, reason
 
 

@@ -70,6 +70,9 @@ class Outcome(StrEnum):
     ERROR = "error"  # infrastructure: the engine failed or the container vanished
 
 
+DISK_FULL = "no space left on device (ENOSPC)"  # how an ExecResult's reason ends when a disk filled up
+
+
 @dataclass(frozen=True)
 class ExecResult:
     outcome: Outcome
@@ -83,6 +86,11 @@ class ExecResult:
     @property
     def duration_s(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
+
+    @property
+    def disk_full(self) -> bool:
+        """The stage failed because a disk filled up (its outputs are then removed, so history can be written)."""
+        return self.reason.endswith(DISK_FULL)
 
 
 OutputSink = Callable[[str], None]  # receives decoded lines of stdout/stderr as they come

@@ -130,7 +130,7 @@ class StageRunner:
             final = replace(base, status=StageStatus.CANCELLED)
         elif result.outcome is not Outcome.SUCCEEDED:
             final = base  # never cached; left on disk for debugging, unless they filled it
-            if "no space left on device" in result.reason.lower():
+            if result.disk_full:
                 remove_outputs(out)  # else history could not record this very failure
         else:
             final = self._succeeded(name, base, out, key, ingredients)

@@ -245,7 +245,7 @@ def test_fork_bomb_under_a_pids_cap_fails_and_the_host_stays_fine(
 def test_disk_full_names_enospc(executor: DockerExecutor, labels: dict[str, str]) -> None:
     result, _ = run(executor, sh("dd if=/dev/zero of=/tmp/big bs=1M count=4", labels, tmp_bytes=1 * MiB))
     assert result.outcome is Outcome.FAILED
-    assert result.reason.endswith("no space left on device (ENOSPC)")
+    assert result.disk_full and result.reason.endswith("no space left on device (ENOSPC)")
 
 
 def test_peak_memory_and_cpu_are_sampled(executor: DockerExecutor, labels: dict[str, str]) -> None:
