@@ -6,6 +6,9 @@ Every SQLAlchemy or OS error met while opening becomes a StoreError naming the d
 from __future__ import annotations
 
 import os
+import random
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +99,29 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # emits them. See the SQLAlchemy docs, "Serializable isolation / Savepoints / Transactional DDL".
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    for pragma in (f"busy_timeout={BUSY_TIMEOUT_MS}",  # first, so that switching to WAL waits too
-                   "journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"):
-        cursor.execute(f"PRAGMA {pragma}")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    _use_wal(cursor)
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _use_wal(cursor: Any) -> None:
+    """Switch the file to WAL, which it keeps: done once, by whichever process comes first.
+
+    Processes that open a new file at the same moment all try the switch, and SQLite answers some of them
+    "database is locked" at once, without the busy timeout (it refuses a lock upgrade that could deadlock), so
+    the switch is retried with a short random pause until the busy timeout has passed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
 
 
 def _sqlite_begin(conn: Connection) -> None:

@@ -453,6 +453,34 @@ def test_two_writer_processes_and_a_reader_neither_fail_nor_corrupt(tmp_path: Pa
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def _open_fresh_databases(urls: list[str], barrier: Any, errors: Any) -> None:
+    for url in urls:
+        barrier.wait(30)  # every process opens the same new file at the same instant
+        try:
+            Store(url).close()
+        except StoreError as e:
+            errors.put(f"{url}: {type(e).__name__}: {e}")
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    """The first open switches the new file to WAL; SQLite refuses racing switches without waiting (before the
+    switch was retried, about one new file in ten failed here, and the scheduler's e2e test with it)."""
+    urls = [sqlite_url(tmp_path / f"db{i}" / "pipe.db") for i in range(40)]
+    ctx = multiprocessing.get_context("spawn")
+    processes = 6
+    barrier, errors = ctx.Barrier(processes), ctx.Queue()
+    workers = [ctx.Process(target=_open_fresh_databases, args=(urls, barrier, errors)) for _ in range(processes)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(120)
+    assert [errors.get() for _ in range(errors.qsize())] == []
+    assert [p.exitcode for p in workers] == [0] * processes
+    for url in urls:
+        with Store(url) as store:
+            assert store.list_runs("any", limit=1) == []
+
+
 def _begin_and_hang(url: str, ready: Any) -> None:
     with Store(url) as store:
         run_id = begin(store)
