@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator.cache import KEY_VERSION, Cache, Ingredients, Manifest, explain_miss
+from orchestrator.cache import Cache, Manifest
+from orchestrator.cachekey import KEY_VERSION, Ingredients, explain_miss
 from orchestrator.errors import PipeError
 from orchestrator.events import Reporter, StageOutput, StagePlanned, Warning
 from orchestrator.executor import (
@@ -292,7 +293,7 @@ def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo) -> 
 def ingredients_for(
     pipeline: Pipeline, name: str, image_id: str, inputs: Mapping[str, str], upstream: Mapping[str, str]
 ) -> Ingredients:
-    """What a stage's cache key is made of (cache.py documents the recipe)."""
+    """What a stage's cache key is made of (cachekey.py documents the recipe)."""
     stage = pipeline.stages[name]
     argv = stage.argv()
     return Ingredients(

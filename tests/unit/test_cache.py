@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cache import KEY_VERSION, Cache, Ingredients, Manifest, explain_miss
+from orchestrator.cache import Cache, Manifest
+from orchestrator.cachekey import KEY_VERSION, Ingredients, explain_miss
 from orchestrator.hashing import hash_tree
 
 IMAGE_A = "sha256:1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b"
