@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
@@ -26,9 +26,11 @@ from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
-from orchestrator.store import Store
 from orchestrator.store.records import MetricPoint, RunInfo
 from orchestrator.units import format_duration
+
+if TYPE_CHECKING:  # SQLAlchemy is imported by the commands that open the store, not by `pipe --help`
+    from orchestrator.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ def load(target: Target) -> Loaded:
 
 @contextmanager
 def open_store(loaded: Loaded) -> Iterator[Store]:
+    from orchestrator.store.store import Store
+
     loaded.state.ensure()
     store = Store(loaded.db_url)
     try:

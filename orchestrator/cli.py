@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 from zoneinfo import ZoneInfo
 
 import typer
@@ -311,15 +311,32 @@ def scheduler(
                       "finish" if on_stop == "finish" else "cancel")
 
 
-def main() -> None:
-    """Console script entry point: `pipe`."""
+def main() -> NoReturn:
+    """Console script entry point: `pipe`. Ends the process with its exit code (see _leave)."""
     try:
         app()
     except PipeError as e:
         console.error(str(e))
         if os.environ.get("PIPE_DEBUG"):
             raise
-        sys.exit(int(e.exit_code))
+        _leave(int(e.exit_code))
     except KeyboardInterrupt:
         console.error("interrupted")
-        sys.exit(int(ExitCode.INTERRUPTED))
+        _leave(int(ExitCode.INTERRUPTED))
+    except SystemExit as e:  # typer's way of returning, also for --help and usage errors
+        if isinstance(e.code, str):
+            console.error(e.code)
+        _leave(1 if isinstance(e.code, str) else int(e.code or 0))
+    _leave(0)
+
+
+def _leave(code: int) -> NoReturn:
+    """Flush and exit without the interpreter's teardown, which took 0.16 s (a third of a no-op run) freeing
+    modules and objects that the process's end frees anyway. Nothing is left to close by then: every command
+    closes the store in its context manager and joins its threads before it returns."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)

@@ -38,7 +38,7 @@ from orchestrator.metrics import MetricsError, check_gate, read_metrics
 from orchestrator.results import Artifact, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
-from orchestrator.store import Store
+from orchestrator.store.store import Store
 
 WORKDIR = "/workspace"
 

@@ -1,5 +1,4 @@
-"""Run history over SQLAlchemy: `Store` is the API; `records` holds the frozen values it returns."""
+"""Run history over SQLAlchemy: `store.Store` is the API; `records` holds the frozen values it returns.
 
-from orchestrator.store.store import Store
-
-__all__ = ["Store"]
+Nothing is imported here, so that reading `records` (the console, `pipe --help`) does not load SQLAlchemy.
+"""

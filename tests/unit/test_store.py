@@ -21,9 +21,9 @@ from sqlalchemy import create_engine, inspect, text
 
 from orchestrator.errors import NotFound, StoreError
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
-from orchestrator.store import Store
 from orchestrator.store.migrations import SCHEMA_VERSION
 from orchestrator.store.models import Base
+from orchestrator.store.store import Store
 
 FIXTURE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "db" / "pipe-v1.db"
 POSTGRES_URL = os.environ.get("PIPE_TEST_POSTGRES_URL")
