@@ -20,7 +20,7 @@ LABEL_MANAGED = "dev.pipe.managed"  # the same names as orchestrator.executor; t
 LABEL_PIPELINE = "dev.pipe.pipeline"
 
 # `python -m orchestrator ARGS`, plus one atexit hook that writes the process's rchar (/proc/self/io: bytes
-# returned by read(2), page cache included) to BENCH_IO_FILE, so a no-op run shows it read no input content.
+# returned by read(2), page cache included) to BENCH_IO_FILE at exit, so a no-op run shows it read no input content.
 _LAUNCHER = """
 import atexit, os, runpy, sys
 def _report():
@@ -29,6 +29,11 @@ def _report():
     with open(os.environ['BENCH_IO_FILE'], 'w') as f:
         f.write(rchar)
 atexit.register(_report)
+_exit = os._exit  # pipe leaves through os._exit (no interpreter teardown), which runs no atexit hook
+def _exit_reporting(code):
+    _report()
+    _exit(code)
+os._exit = _exit_reporting
 sys.argv[0] = 'pipe'
 runpy.run_module('orchestrator', run_name='__main__', alter_sys=True)
 """
