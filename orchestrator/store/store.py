@@ -57,6 +57,9 @@ class Store:
         self._name = describe(url)
         self._engine = open_engine(url)
         self._writer = self._engine.execution_options(**{WRITE: True})
+        # run id -> the stages written, for the runs this Store began: no other process writes a live run's rows,
+        # so a stage not in here has no row yet and recording it reads nothing first (a cached stage: one write)
+        self._began: dict[str, set[str]] = {}
 
     def close(self) -> None:
         self._engine.dispose()
@@ -84,6 +87,7 @@ class Store:
                 id=run_id, pipeline=pipeline, pipeline_path=pipeline_path, pipeline_hash=pipeline_hash,
                 trigger=trigger, status=RunStatus.RUNNING, started_at=started_at, finished_at=None,
                 git_commit=git_commit, host=host, pid=pid, exit_code=None, params_override=params_override))
+        self._began[run_id] = set()
         return run_id
 
     def mark_stage_running(self, run_id: str, stage: str, attempt: int, started_at: datetime,
@@ -286,10 +290,16 @@ class Store:
 
     def _stage_row(self, session: Session, run_id: str, stage: str) -> StageRunRow:
         """The stage's row in this run, with artifacts and metrics loaded; a new one if it has none yet."""
-        row = session.scalars(select(StageRunRow).where(StageRunRow.run_id == run_id, StageRunRow.stage == stage)
-                              .options(*_WITH_DETAILS)).first()
+        began = self._began.get(run_id)
+        row = None
+        if began is None or stage in began:
+            row = session.scalars(select(StageRunRow).where(StageRunRow.run_id == run_id, StageRunRow.stage == stage)
+                                  .options(*_WITH_DETAILS)).first()
         if row is None:
-            self._run_row(session, run_id)
+            if began is None:
+                self._run_row(session, run_id)
+            else:
+                began.add(stage)  # before the commit: should it fail, the next write looks the row up again
             row = StageRunRow(run_id=run_id, stage=stage, status=None, reason="", attempts=0, infra_error=False,
                               hermetic=True, artifacts=[], metrics=[])
             session.add(row)
