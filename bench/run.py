@@ -54,6 +54,7 @@ class Sizes:
     floors: int
     chain: int
     wide: int
+    busy_s: int  # seconds each of the two parallel stages computes
     fan: int
     input_bytes: int
     input_files: int
@@ -62,9 +63,9 @@ class Sizes:
     peers: bool  # DVC and the example pipeline: minutes, so not in --quick
 
 
-FULL = Sizes(repeat=5, heavy=3, floors=15, chain=20, wide=100, fan=100, input_bytes=GiB, input_files=10_000,
-             dag=5_000, history=10_000, peers=True)
-QUICK = Sizes(repeat=1, heavy=1, floors=2, chain=2, wide=2, fan=2, input_bytes=2 * MiB, input_files=20,
+FULL = Sizes(repeat=5, heavy=3, floors=15, chain=20, wide=100, busy_s=10, fan=100, input_bytes=GiB,
+             input_files=10_000, dag=5_000, history=10_000, peers=True)
+QUICK = Sizes(repeat=1, heavy=1, floors=2, chain=2, wide=2, busy_s=1, fan=2, input_bytes=2 * MiB, input_files=20,
               dag=50, history=20, peers=False)
 
 
@@ -181,6 +182,15 @@ def wide(b: Bench) -> list[Row]:
     return [Row(f"wide DAG: {n} independent trivial stages, `--jobs 2`", pipe_s,
                 against=f"{n} SDK floors from 2 threads", reference=sdk_s, goal=sdk_s,
                 note="goal: no slower than the SDK")]
+
+
+def parallel(b: Bench) -> list[Row]:
+    """Two independent stages that compute for `busy_s` each: with `--jobs 2` on 2 CPUs they overlap."""
+    n = b.sizes.busy_s
+    path = b.pipeline("busy", wl.busy(2, n))
+    two, one = alternate(b.sizes.heavy, seconds("run", "--jobs", "2", path), seconds("run", "--jobs", "1", path))
+    return [Row(f"parallel: 2 stages computing {n} s each, `--jobs 2`", two, against="`--jobs 1`", reference=one,
+                goal=1.2 * n, note=f"goal: about {n} s (start-up and 2 container floors on top)")]
 
 
 def no_op(b: Bench, name: str, path: Path, label: str) -> tuple[Row, Row]:
@@ -323,7 +333,7 @@ def example(b: Bench) -> list[Row]:
 
 
 GROUPS: dict[str, Callable[[Bench], list[Row]]] = {
-    "floor": floors, "chain": chain, "wide": wide, "fan": fan, "input": big_input, "hashing": hashing,
+    "floor": floors, "chain": chain, "wide": wide, "parallel": parallel, "fan": fan, "input": big_input, "hashing": hashing,
     "planning": planning, "status": history, "dvc": dvc, "example": example,
 }
 PEER_GROUPS = ("dvc", "example")

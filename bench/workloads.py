@@ -42,6 +42,12 @@ def wide(width: int) -> dict[str, dict[str, Any]]:
     return {f"w{i:03d}": trivial(cache=False) for i in range(width)}
 
 
+def busy(width: int, seconds: int) -> dict[str, dict[str, Any]]:
+    """`width` independent stages that each keep a CPU busy for `seconds` (a shell loop), never cached."""
+    loop = f"end=$(( $(date +%s) + {seconds} )); while [ $(date +%s) -lt $end ]; do :; done"
+    return {f"busy{i}": {"image": BUSYBOX, "command": loop, "cache": False} for i in range(width)}
+
+
 def fan(leaves: int) -> dict[str, dict[str, Any]]:
     """One source stage and `leaves` stages reading its output: 1 + leaves cached stages."""
     stages: dict[str, dict[str, Any]] = {

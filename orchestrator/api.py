@@ -26,7 +26,7 @@ from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
-from orchestrator.store.records import MetricPoint, RunInfo
+from orchestrator.store.records import MetricPoint, RunInfo, TickInfo
 from orchestrator.units import format_duration
 
 if TYPE_CHECKING:  # SQLAlchemy is imported by the commands that open the store, not by `pipe --help`
@@ -420,13 +420,24 @@ def cache_gc(target: Target, keep_runs: int | None, keep_days: float | None, dry
 # ---- schedules ---------------------------------------------------------------------------------------------------
 
 
-def next_fire_times(target: Target, count: int) -> tuple[Pipeline, list[datetime]]:
+@dataclass(frozen=True)
+class ScheduleReport:
+    pipeline: Pipeline
+    next_times: list[datetime]  # UTC
+    ticks: list[TickInfo]  # what the scheduler did with its latest ticks, newest first
+
+
+def schedule_report(target: Target, count: int) -> ScheduleReport:
+    """The next `count` fire times of the pipeline's schedule, and its `count` latest ticks from history."""
     from orchestrator import cron
 
-    pipeline = load(target).pipeline
+    loaded = load(target)
+    pipeline = loaded.pipeline
     if pipeline.schedule is None:
         raise UsageError(f"{pipeline.path} has no `schedule:`; add one (cron:, timezone:)")
-    return pipeline, cron.next_fire_times(pipeline.schedule, datetime.now(UTC), count)
+    with open_store(loaded) as store:
+        ticks = store.ticks(pipeline.display_name, count)
+    return ScheduleReport(pipeline, cron.next_fire_times(pipeline.schedule, datetime.now(UTC), count), ticks)
 
 
 def crontab_entry(target: Target) -> Any:

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
-from zoneinfo import ZoneInfo
 
 import typer
 
@@ -263,9 +262,10 @@ def schedule(
     apply: Annotated[bool, typer.Option("--apply", help="install: write the user's crontab (else print).")] = False,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """List the next fire times of the pipeline's `schedule:`; `install` prints (or --apply installs) its crontab
-    line, `uninstall` removes it."""
+    """List the next fire times of the pipeline's `schedule:` and what became of its latest ticks; `install`
+    prints (or --apply installs) its crontab line, `uninstall` removes it."""
     action, rest = "list", list(words or ())
     if rest and rest[0] in ("list", "install", "uninstall"):
         action = rest.pop(0)
@@ -280,12 +280,11 @@ def schedule(
     elif action == "uninstall":
         typer.echo(f"removed {api.uninstall_schedule(target)} crontab line(s)")
     else:
-        spec, times = api.next_fire_times(target, count)
-        assert spec.schedule is not None
-        typer.echo(f"{spec.display_name}: {spec.schedule.cron!r} in {spec.schedule.timezone}")
-        for at in times:
-            local = at.astimezone(ZoneInfo(spec.schedule.timezone))
-            typer.echo(f"  {at:%Y-%m-%d %H:%M} UTC  ({local:%Y-%m-%d %H:%M %Z})")
+        report = api.schedule_report(target, count)
+        if json_out:
+            console.print_json(console.schedule_json(report))
+        else:
+            console.print_schedule(report)
 
 
 @app.command()

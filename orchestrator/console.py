@@ -29,12 +29,12 @@ from orchestrator.events import (
     Warning,
 )
 from orchestrator.results import RunSummary, StageResult, StageStatus
-from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo
+from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, iso_utc
 from orchestrator.units import format_bytes, format_duration
 
 STYLE = {
     "succeeded": "green", "cached": "cyan", "failed": "bold red", "skipped": "yellow", "cancelled": "magenta",
-    "running": "blue", "queued": "dim", "interrupted": "magenta",
+    "running": "blue", "queued": "dim", "interrupted": "magenta", "fired": "green", "coalesced": "cyan",
 }
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -283,6 +283,33 @@ def print_metrics(points: list[MetricPoint], diff: bool) -> None:
         previous.update(values)
         table.add_row(run_id, *cells)
     _out().print(table)
+
+
+def schedule_json(report: Any) -> dict[str, Any]:
+    """`pipe schedule --json`: the schedule, its next fire times, and its latest ticks (api.ScheduleReport)."""
+    schedule = report.pipeline.schedule
+    return {"pipeline": report.pipeline.display_name, "cron": schedule.cron, "timezone": schedule.timezone,
+            "next": [iso_utc(at) for at in report.next_times], "ticks": [t.to_json() for t in report.ticks]}
+
+
+def print_schedule(report: Any) -> None:
+    from zoneinfo import ZoneInfo
+
+    schedule = report.pipeline.schedule
+    zone = ZoneInfo(schedule.timezone)
+    console = _out()
+    console.print(Text(f"{report.pipeline.display_name}: {schedule.cron!r} in {schedule.timezone}", style="bold"))
+    for at in report.next_times:
+        console.print(f"  {at:%Y-%m-%d %H:%M} UTC  ({at.astimezone(zone):%Y-%m-%d %H:%M %Z})", highlight=False)
+    if not report.ticks:
+        console.print("no ticks recorded yet (`pipe scheduler` records every tick it owes)")
+        return
+    table = _table("tick (UTC)", "action", "run", "reason")
+    for tick in report.ticks:
+        table.add_row(f"{tick.due_at:%Y-%m-%d %H:%M}", Text(tick.action, style=STYLE.get(tick.action, "")),
+                      tick.run_id or "", tick.reason)
+    console.print(Text("latest ticks:", style="bold"))
+    console.print(table)
 
 
 def print_plan(predicted: RunSummary) -> None:

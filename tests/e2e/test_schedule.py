@@ -68,8 +68,13 @@ def test_scheduler_fires_twice_and_the_second_run_is_all_cached(
     oldest, newer = scheduled_runs[-1], scheduled_runs[-2]
     assert oldest.status == "succeeded" and newer.status == "succeeded"
     assert {s.stage: str(s.status) for s in newer.stages} == {"data": "cached", "train": "cached"}
-    ticks = pipe_json("runs", path)  # the CLI sees them too, with the trigger recorded
-    assert [r["trigger"] for r in ticks][:2] == ["schedule", "schedule"]
+    runs = pipe_json("runs", path)  # the CLI sees them too, with the trigger recorded
+    assert [r["trigger"] for r in runs][:2] == ["schedule", "schedule"]
+    report = pipe_json("schedule", path)  # and every tick the scheduler owed, with what became of it
+    assert report["cron"] == "* * * * *" and len(report["next"]) == 5
+    fired = [t for t in report["ticks"] if t["action"] == "fired"]
+    assert {t["run_id"] for t in fired} >= {oldest.id, newer.id}
+    assert all(t["reason"] for t in report["ticks"] if t["action"] != "fired")
 
 
 @pytest.fixture
