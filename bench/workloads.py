@@ -44,7 +44,7 @@ def wide(width: int) -> dict[str, dict[str, Any]]:
 
 def busy(width: int, seconds: int) -> dict[str, dict[str, Any]]:
     """`width` independent stages that each keep a CPU busy for `seconds` (a shell loop), never cached."""
-    loop = f"end=$(( $(date +%s) + {seconds} )); while [ $(date +%s) -lt $end ]; do :; done"
+    loop = f"timeout {seconds} sh -c 'while :; do :; done'; true"  # busy for exactly `seconds`, then exit 0
     return {f"busy{i}": {"image": BUSYBOX, "command": loop, "cache": False} for i in range(width)}
 
 
