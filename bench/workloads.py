@@ -77,10 +77,13 @@ def random_dag(size: int, seed: int = 9) -> dict[str, dict[str, Any]]:
 def random_files(folder: Path, total_bytes: int, count: int) -> Path:
     """`count` files of random bytes summing to `total_bytes`, 100 to a sub-folder, made once and kept.
 
-    A marker file records the size, so a second bench run reuses the data instead of writing it again."""
+    A marker file records the size, so a second bench run reuses the data instead of writing it again; making
+    data of another size (a --quick run in the same work folder) removes the markers of the old."""
     marker = folder.parent / f".{folder.name}.{total_bytes}x{count}"
     if marker.exists() and folder.is_dir():
         return folder
+    for stale in folder.parent.glob(f".{folder.name}.*x*"):
+        stale.unlink()
     shutil.rmtree(folder, ignore_errors=True)
     size, extra = divmod(total_bytes, count)
     for i in range(count):
