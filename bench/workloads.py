@@ -75,15 +75,12 @@ def random_dag(size: int, seed: int = 9) -> dict[str, dict[str, Any]]:
 
 
 def random_files(folder: Path, total_bytes: int, count: int) -> Path:
-    """`count` files of random bytes summing to `total_bytes`, 100 to a sub-folder, made once and kept.
-
-    A marker file records the size, so a second bench run reuses the data instead of writing it again; making
-    data of another size (a --quick run in the same work folder) removes the markers of the old."""
-    marker = folder.parent / f".{folder.name}.{total_bytes}x{count}"
-    if marker.exists() and folder.is_dir():
-        return folder
-    for stale in folder.parent.glob(f".{folder.name}.*x*"):
-        stale.unlink()
+    """`count` files of random bytes summing to `total_bytes`, 100 to a sub-folder, made once and kept: a folder
+    that already holds that many files of that size (a stat each, not a read) is reused by the next bench run."""
+    if folder.is_dir():
+        files = files_of(folder)
+        if len(files) == count and sum(p.stat().st_size for p in files) == total_bytes:
+            return folder
     shutil.rmtree(folder, ignore_errors=True)
     size, extra = divmod(total_bytes, count)
     for i in range(count):
@@ -91,7 +88,6 @@ def random_files(folder: Path, total_bytes: int, count: int) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         (sub / f"f{i:05d}.bin").write_bytes(os.urandom(size + (1 if i < extra else 0)))
     set_mtimes(folder, time.time() - PAST_S)
-    marker.write_text("")
     return folder
 
 
