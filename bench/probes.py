@@ -19,8 +19,8 @@ BUSYBOX = "pipe-busybox:latest"
 LABEL_MANAGED = "dev.pipe.managed"  # the same names as orchestrator.executor; the bench labels what it starts
 LABEL_PIPELINE = "dev.pipe.pipeline"
 
-# `python -m orchestrator ARGS`, plus one atexit hook that writes the process's rchar (/proc/self/io: bytes
-# returned by read(2), page cache included) to BENCH_IO_FILE at exit, so a no-op run shows it read no input content.
+# `python -m orchestrator ARGS`, writing the process's rchar (/proc/self/io: bytes returned by read(2), page cache
+# included) to BENCH_IO_FILE at exit, however it exits, so a no-op run shows it read no input content.
 _LAUNCHER = """
 import atexit, os, runpy, sys
 def _report():

@@ -343,8 +343,8 @@ def example(b: Bench) -> list[Row]:
 
 
 GROUPS: dict[str, Callable[[Bench], list[Row]]] = {
-    "floor": floors, "chain": chain, "wide": wide, "parallel": parallel, "fan": fan, "input": big_input, "hashing": hashing,
-    "planning": planning, "status": history, "dvc": dvc, "example": example,
+    "floor": floors, "chain": chain, "wide": wide, "parallel": parallel, "fan": fan, "input": big_input,
+    "hashing": hashing, "planning": planning, "status": history, "dvc": dvc, "example": example,
 }
 PEER_GROUPS = ("dvc", "example")
 
