@@ -12,24 +12,27 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
-from orchestrator.events import Reporter, RunFinished, RunStarted, StagePlanned
+from orchestrator.events import Reporter, RunFinished, RunStarted
 from orchestrator.plan import Plan, Selection, build_plan
-from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
+from orchestrator.results import RunStatus, RunSummary, StageResult
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
-from orchestrator.store.records import MetricPoint, RunInfo, TickInfo
-from orchestrator.units import format_duration
+from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, TickInfo
 
-if TYPE_CHECKING:  # SQLAlchemy is imported by the commands that open the store, not by `pipe --help`
+if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the commands that use them
+    from orchestrator.backend import Backend
+    from orchestrator.decide import Decision
+    from orchestrator.imageplan import ImageForecast
+    from orchestrator.runner import StageRunner, Upstream
     from orchestrator.store.store import Store
 
 
@@ -49,12 +52,12 @@ class RunRequest:
     jobs: int | None = None
     keep_going: bool = False
     force: frozenset[str] | bool = False  # True: every stage
-    dry_run: bool = False
     wait: bool = False
     timeout_s: float | None = None
     params: tuple[str, ...] = ()  # "train.n_estimators=300"
     trigger: Literal["manual", "schedule"] = "manual"
     docker_url: str | None = None
+    gate: bool = True  # False: --no-gate, the gates are not checked (recorded as a warning)
 
 
 @dataclass
@@ -83,13 +86,13 @@ def load(target: Target) -> Loaded:
 
 
 @contextmanager
-def open_store(loaded: Loaded) -> Iterator[Store]:
+def open_store(loaded: Loaded, read_only: bool = False) -> Iterator[Store]:
     from orchestrator.store.store import Store
 
     loaded.state.ensure()
     store = Store(loaded.db_url)
     try:
-        if not loaded.state.is_locked():  # nobody runs: a "running" run is a dead one
+        if not read_only and not loaded.state.is_locked():  # nobody runs: a "running" run is a dead one
             for run in store.running_runs(loaded.pipeline.display_name):
                 store.mark_interrupted(run.id)
         yield store
@@ -147,78 +150,162 @@ def validate(target: Target, check_images: bool = True, docker_url: str | None =
     return loaded.pipeline
 
 
-def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None) -> RunSummary:
-    from orchestrator import docker_executor, images, parallel
-    from orchestrator.cache import Cache
-    from orchestrator.runner import StageRunner, container_user, hash_inputs, predict
+@dataclass(frozen=True)
+class Prepared:
+    """A run's inputs, checked: the pipeline with its overrides, the plan, the secrets. Nothing started yet."""
 
-    cancel = cancel or Cancel()
+    loaded: Loaded
+    pipeline: Pipeline
+    overrides: dict[str, Any]
+    plan: Plan
+    secrets: dict[str, str]
+    force: frozenset[str]
+
+
+def prepare(request: RunRequest) -> Prepared:
     loaded = load(request.target)
     overrides = parse_overrides(request.params)
     pipeline = apply_overrides(loaded.pipeline, overrides)
     plan = build_plan(pipeline, request.selection)
     secrets = loader.resolve_secrets(pipeline, os.environ)
-    client = docker_executor.connect(request.docker_url)
-    state = loaded.state.ensure()
-    with state.lock(wait=request.wait) as lock, open_store(loaded) as store:
-        docker_executor.sweep_orphans(client, str(state.root), is_alive=lambda run_id: False)
-        upstream = _earlier_outputs(plan, pipeline, store)
-        image_ids = images.resolve_images(pipeline, plan.order, client, state.images_memo, reporter_build(reporter))
-        input_digests = hash_inputs(pipeline, plan.order, store.hash_memo())
-        force = frozenset(plan.order) if request.force is True else frozenset(request.force or ())
-        cache = Cache(state.cache_dir)
-        if request.dry_run:
-            predictions = predict(pipeline, plan.order, store, cache, image_ids, input_digests, upstream, force)
-            for p in predictions:
-                reporter.emit(StagePlanned(p.stage, p.will_run, p.reasons))
-            return _predicted_summary(predictions)
-        run_id = store.begin_run(
-            pipeline=pipeline.display_name,
-            pipeline_path=str(pipeline.path.resolve()),
-            pipeline_hash=hashlib.sha256(pipeline.path.read_bytes()).hexdigest(),
-            trigger=request.trigger,
-            git_commit=_git_commit(pipeline.root),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            params_override=overrides,
-        )
+    force = frozenset(plan.order) if request.force is True else frozenset(request.force or ())
+    return Prepared(loaded, pipeline, overrides, plan, secrets, force)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What a run would do, stage by stage (a dry run, or the "next run" of `pipe status`)."""
+
+    pipeline: Pipeline
+    decisions: list[Decision]
+
+    @property
+    def would_run(self) -> list[str]:
+        return [d.stage for d in self.decisions if d.run]
+
+
+class _StoreHistory:
+    """decide.History over the store, each stage asked at most once."""
+
+    def __init__(self, store: Store, pipeline: str) -> None:
+        self._store, self._pipeline = store, pipeline
+        self._success: dict[str, StageRunInfo | None] = {}
+        self._record: dict[str, StageRunInfo | None] = {}
+
+    def last_success(self, stage: str) -> StageRunInfo | None:
+        if stage not in self._success:
+            self._success[stage] = self._store.last_success(self._pipeline, stage)
+        return self._success[stage]
+
+    def last_record(self, stage: str) -> StageRunInfo | None:
+        if stage not in self._record:
+            self._record[stage] = self._store.last_record(self._pipeline, stage)
+        return self._record[stage]
+
+
+def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: Store, state: StateDir,
+              images: Mapping[str, ImageForecast], upstream: Mapping[str, Upstream],
+              force: frozenset[str]) -> Forecast:
+    from orchestrator.cache import Cache
+    from orchestrator.decide import forecast
+    from orchestrator.runner import hash_inputs
+
+    inputs = hash_inputs(pipeline, order, store.hash_memo(), flush=False)
+    decisions = forecast(pipeline, order, images={n: (f.image_id, f.reason) for n, f in images.items()},
+                         inputs=inputs, upstream={n: u.digest for n, u in upstream.items()}, force=force,
+                         cache=Cache(state.cache_dir), history=_StoreHistory(store, pipeline.display_name))
+    return Forecast(pipeline, decisions)
+
+
+def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
+    """Which stages a run would restore and which it would run, and why; starts, builds and writes nothing."""
+    from orchestrator.backend import DockerBackend
+
+    prepared = prepare(request)
+    backend = backend or DockerBackend(request.docker_url)
+    pipeline, order = prepared.pipeline, prepared.plan.order
+    with open_store(prepared.loaded, read_only=True) as store:
+        upstream = _earlier_outputs(prepared.plan, pipeline, store)
+        images = backend.forecast_images(pipeline, order, prepared.loaded.state.images_memo, store.hash_memo())
+        return _forecast(pipeline, order, store, prepared.loaded.state, images, upstream, prepared.force)
+
+
+def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None,
+                 backend: Backend | None = None) -> RunSummary:
+    """prepare -> lock -> recover -> images -> hash inputs -> execute -> record (docs/architecture.md)."""
+    from orchestrator.backend import DockerBackend
+    from orchestrator.cache import Cache
+    from orchestrator.hashing import hash_tree
+    from orchestrator.recorder import Recorder
+    from orchestrator.runner import StageRunner, hash_inputs
+
+    cancel = cancel or Cancel()
+    prepared = prepare(request)
+    backend = backend or DockerBackend(request.docker_url)
+    pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
+    with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
+        backend.sweep(str(state.root), is_alive=lambda run_id: False)
+        upstream = _earlier_outputs(prepared.plan, pipeline, store)
+        memo = store.hash_memo()
+        image_ids = backend.resolve_images(pipeline, order, state.images_memo, reporter_build(reporter), memo)
+        input_digests = hash_inputs(pipeline, order, memo)
+        run_id = _begin_run(store, prepared, request)
         lock.describe(run_id)
-        reporter.emit(RunStarted(run_id, pipeline.display_name, plan.order))
-        executor = docker_executor.DockerExecutor(client)
+        reporter.emit(RunStarted(run_id, pipeline.display_name, order))
+        recorder = Recorder(store, run_id, pipeline, state, reporter)
+        executor = backend.executor()
         run_stage = StageRunner(
-            pipeline=pipeline, run_id=run_id, state=state, store=store, cache=cache, executor=executor,
-            reporter=reporter, image_ids=image_ids, input_digests=input_digests, upstream=upstream,
-            secrets=secrets, force=force,
+            pipeline=pipeline, run_id=run_id, state=state, cache=Cache(state.cache_dir), executor=executor,
+            reporter=recorder, history=_StoreHistory(store, pipeline.display_name),
+            gate_baseline=lambda stage, metric: store.last_gate_pass(pipeline.display_name, stage, metric),
+            image_ids=image_ids, input_digests=input_digests,
+            rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
+            upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
         )
-        report = parallel.execute(
-            plan.order,
-            {name: pipeline.stages[name].needs for name in plan.order},
-            run_stage,
-            policy=parallel.Policy(
-                jobs=request.jobs or os.cpu_count() or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
-            ),
-            capacity=parallel.Capacity(float(os.cpu_count() or 1), host_memory_bytes()),
-            demands={name: _demand(pipeline, name) for name in plan.order},
-            retry={
-                name: parallel.RetryPolicy(s.retries, s.retry_delay, frozenset(s.retry_on))
-                for name, s in ((n, pipeline.stages[n]) for n in plan.order)
-            },
-            cancel=cancel.event,
-            reporter=reporter,
-            on_cancel=executor.stop_all,
-            fatal=(StoreError,),
-        )
-        results = dict(report.results)
-        for name, result in results.items():
-            if report.deadline_hit and result.status is StageStatus.CANCELLED:
-                results[name] = replace(result, reason=f"cancelled: run timed out after {format_duration(request.timeout_s or 0)}")
-            if result.status is StageStatus.SKIPPED or results[name] is not result:  # the runner never saw these
-                stage = pipeline.stages[name]
-                store.record_stage(run_id, results[name], user=container_user(stage.user), hermetic=not stage.network)
-        summary = summarize(run_id, results, cancel if report.cancelled and not report.deadline_hit else None)
+        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all)
+        summary = summarize(run_id, report.results, cancel if report.cancelled else None)
         store.finish_run(run_id, summary.status, summary.exit_code)
         reporter.emit(RunFinished(summary))
         return summary
+
+
+def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
+    pipeline = prepared.pipeline
+    return store.begin_run(
+        pipeline=pipeline.display_name,
+        pipeline_path=str(pipeline.path.resolve()),
+        pipeline_hash=hashlib.sha256(pipeline.path.read_bytes()).hexdigest(),
+        trigger=request.trigger,
+        git_commit=_git_commit(pipeline.root),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        params_override=prepared.overrides,
+    )
+
+
+def _execute(prepared: Prepared, request: RunRequest, run_stage: StageRunner, reporter: Reporter,
+             cancel: Cancel, on_cancel: Callable[[], None]) -> Any:
+    from orchestrator import parallel
+
+    pipeline, order = prepared.pipeline, prepared.plan.order
+    return parallel.execute(
+        order,
+        {name: pipeline.stages[name].needs for name in order},
+        run_stage,
+        policy=parallel.Policy(
+            jobs=request.jobs or os.cpu_count() or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
+        ),
+        capacity=parallel.Capacity(float(os.cpu_count() or 1), host_memory_bytes()),
+        demands={name: _demand(pipeline, name) for name in order},
+        retry={
+            name: parallel.RetryPolicy(s.retries, s.retry_delay, frozenset(s.retry_on))
+            for name, s in ((n, pipeline.stages[n]) for n in order)
+        },
+        cancel=cancel.event,
+        reporter=reporter,
+        on_cancel=on_cancel,
+        fatal=(StoreError,),
+    )
 
 
 def host_memory_bytes() -> int:
@@ -282,12 +369,6 @@ def _git_commit(folder: Path) -> str | None:
 # ---- history --------------------------------------------------------------------------------------------------
 
 
-def latest_run(target: Target) -> tuple[Pipeline, RunInfo | None]:
-    loaded = load(target)
-    with open_store(loaded) as store:
-        return loaded.pipeline, store.latest_run(loaded.pipeline.display_name)
-
-
 def list_runs(target: Target, status: str | None, trigger: str | None, limit: int) -> list[RunInfo]:
     loaded = load(target)
     with open_store(loaded) as store:
@@ -348,41 +429,27 @@ def schema() -> dict[str, Any]:
     return Pipeline.model_json_schema()
 
 
-def _predicted_summary(predictions: list[Any]) -> RunSummary:
-    results = {
-        p.stage: StageResult(p.stage, StageStatus.SKIPPED if p.will_run else StageStatus.CACHED,
-                             reason=("would run: " if p.will_run else "") + ", ".join(p.reasons))
-        for p in predictions
-    }
-    return RunSummary("dry-run", RunStatus.SUCCEEDED, results, ExitCode.SUCCESS)
-
-
 @dataclass(frozen=True)
 class StatusReport:
     pipeline: Pipeline
     run: RunInfo | None
-    next_run: list[Any]  # runner.Prediction, in plan order
+    next_run: list[Decision]  # in plan order
 
 
 def status(target: Target) -> StatusReport:
-    """The latest run and what would run next time and why. Needs no engine: image ids are the ones the latest
-    run used (a rebuilt image is found by `pipe run --dry-run`)."""
-    from orchestrator.cache import Cache
-    from orchestrator.runner import hash_inputs, predict
+    """The latest run and what would run next time and why: the same forecast as `pipe run --dry-run`, with the
+    image ids the last resolution recorded (no engine needed; base images are assumed unchanged)."""
+    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
 
     loaded = load(target)
     pipeline = loaded.pipeline
     plan = build_plan(pipeline)
-    with open_store(loaded) as store:
+    with open_store(loaded, read_only=True) as store:
         run = store.latest_run(pipeline.display_name)
-        image_ids: dict[str, str | None] = {}
-        for name in plan.order:
-            last = store.last_success(pipeline.display_name, name)
-            image_ids[name] = last.image_id if last else None
-        inputs = hash_inputs(pipeline, plan.order, store.hash_memo())
-        predictions = predict(pipeline, plan.order, store, Cache(loaded.state.cache_dir), image_ids, inputs, {},
-                              frozenset())
-    return StatusReport(pipeline, run, predictions)
+        memo = ImageMemo.load(loaded.state.images_memo)
+        images = forecast(pipeline, plan.order, memo, RecordedView(memo), store.hash_memo())
+        next_run = _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset())
+    return StatusReport(pipeline, run, next_run.decisions)
 
 
 def stage_running(target: Target, run_id: str, stage: str) -> bool:

@@ -45,6 +45,7 @@ def run(
     force: Annotated[list[str] | None, typer.Option("--force-stage", help="Ignore the cache for this stage.")] = None,
     force_all: Annotated[bool, typer.Option("--force", help="Ignore the cache for every stage.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Predict hits and misses; start nothing.")] = False,
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Do not check the gates this once (recorded).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for a running run of this pipeline.")] = False,
     timeout: Annotated[str | None, typer.Option("--timeout", help="Cancel the run after this long (e.g. 2h).")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Override a param: STAGE.KEY=VALUE.")] = None,
@@ -65,8 +66,15 @@ def run(
         target=_target(pipeline, state_dir, db),
         selection=Selection(stage=stage, from_stage=from_stage),
         jobs=jobs, keep_going=keep_going, force=True if force_all else frozenset(force or ()),
-        dry_run=dry_run, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=api.parse_trigger(trigger) or "manual",
+        gate=not no_gate, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=api.parse_trigger(trigger) or "manual",
     )
+    if dry_run:
+        forecast = api.dry_run(request)
+        if json_out:
+            console.print_json(console.forecast_json(forecast))
+        else:
+            console.print_forecast(forecast.decisions)
+        raise typer.Exit(0)
     # with --json, stdout carries the summary alone: progress lines go to stderr
     reporter = console.make_reporter(sys.stderr if json_out else None, live=False if (plain or json_out) else None)
     cancel = api.Cancel()
@@ -78,8 +86,6 @@ def run(
     if json_out:
         console.print_json({"run_id": summary.run_id, "status": summary.status, "exit_code": int(summary.exit_code),
                             "stages": {n: console.result_json(r) for n, r in summary.results.items()}})
-    elif dry_run:
-        console.print_plan(summary)
     else:
         console.print_summary(summary)
     raise typer.Exit(int(summary.exit_code))

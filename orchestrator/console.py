@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -19,6 +19,7 @@ from rich.text import Text
 
 from orchestrator.events import (
     Event,
+    Notice,
     RunFinished,
     RunStarted,
     StageFinished,
@@ -26,11 +27,13 @@ from orchestrator.events import (
     StagePlanned,
     StageRetrying,
     StageStarted,
-    Warning,
 )
 from orchestrator.results import RunSummary, StageResult, StageStatus
 from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, iso_utc
 from orchestrator.units import format_bytes, format_duration
+
+if TYPE_CHECKING:
+    from orchestrator.decide import Decision
 
 STYLE = {
     "succeeded": "green", "cached": "cyan", "failed": "bold red", "skipped": "yellow", "cancelled": "magenta",
@@ -84,7 +87,7 @@ class PlainReporter:
                 self._line(describe_result(result))
             case RunFinished(summary=summary):
                 self._line(f"run {summary.run_id} {summary.status} (exit {int(summary.exit_code)})")
-            case Warning(message=message):
+            case Notice(message=message):
                 self._line(f"warning: {message}")
 
 
@@ -129,7 +132,7 @@ class LiveReporter:
                 if self._live is not None:
                     self._live.stop()
                     self._live = None
-            case Warning(message=message):
+            case Notice(message=message):
                 self._console.print(Text(f"warning: {message}", style="yellow"))
             case StagePlanned(stage=stage, will_run=will_run, reasons=reasons) if stage not in self._rows:
                 self._console.print(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}")  # dry run
@@ -312,10 +315,21 @@ def print_schedule(report: Any) -> None:
     console.print(table)
 
 
-def print_plan(predicted: RunSummary) -> None:
-    for result in predicted.results.values():
-        status = "cached" if result.status is StageStatus.CACHED else "runs"
-        _out().print(f"{result.stage}: {status}: {result.reason.removeprefix('would run: ')}")
+def print_forecast(decisions: list[Decision]) -> None:
+    """A dry run's plan, one line per stage: the same words as `pipe status`'s "next run"."""
+    for d in decisions:
+        _out().print(Text(f"{d.stage}: {'runs' if d.run else 'cached'}: {', '.join(d.reasons)}"))
+
+
+def decision_json(d: Decision) -> dict[str, Any]:
+    return {"status": "would_run" if d.run else "cached", "runs": d.run, "reasons": list(d.reasons),
+            "cache_key": d.ingredients.key() if d.ingredients is not None else None}
+
+
+def forecast_json(forecast: Any) -> dict[str, Any]:
+    """`pipe run --dry-run --json`: stable keys dry_run, status ("would_run" or "cached"), stages."""
+    return {"dry_run": True, "run_id": None, "status": "would_run" if forecast.would_run else "cached",
+            "stages": {d.stage: decision_json(d) for d in forecast.decisions}}
 
 
 def result_json(result: StageResult) -> dict[str, Any]:
@@ -337,7 +351,7 @@ def status_json(report: Any) -> dict[str, Any]:
                       "outputs_path": s.outputs_path, "cached_from": s.cached_from}
             for s in (run.stages if run else ())
         },
-        "next_run": {p.stage: {"runs": p.will_run, "reasons": list(p.reasons)} for p in report.next_run},
+        "next_run": {d.stage: decision_json(d) for d in report.next_run},
     }
 
 
@@ -349,9 +363,9 @@ def print_status(report: Any) -> None:
     else:
         print_stages(run.stages, run_title(run))
     console.print(Text("next run:", style="bold"))
-    for p in report.next_run:
-        what = Text("runs", style="yellow") if p.will_run else Text("cached", style="cyan")
-        console.print(Text(f"  {p.stage}: ").append(what).append(f": {', '.join(p.reasons)}"))
+    for d in report.next_run:
+        what = Text("runs", style="yellow") if d.run else Text("cached", style="cyan")
+        console.print(Text(f"  {d.stage}: ").append(what).append(f": {', '.join(d.reasons)}"))
 
 
 def manifest_json(manifest: Any) -> dict[str, Any]:

@@ -122,6 +122,11 @@ def host_kwargs(spec: ContainerSpec, secrets_dir: Path | None = None) -> dict[st
     return kwargs
 
 
+def filled_disk(tail: Sequence[str]) -> bool:
+    """Whether the last lines of a failed stage's output say a disk filled up."""
+    return any(ENOSPC_TEXT in line.lower() for line in tail)
+
+
 def classify(
     exit_code: int,
     state: Mapping[str, Any],
@@ -152,7 +157,7 @@ def classify(
             reason += f" ({signal.Signals(exit_code - 128).name})"
         except ValueError:
             pass
-    if any(ENOSPC_TEXT in line.lower() for line in tail):
+    if filled_disk(tail):
         reason += f": {DISK_FULL}"
     return Outcome.FAILED, reason
 
@@ -259,7 +264,8 @@ class DockerExecutor:
             timeout_s=spec.timeout_s,
             tail=tail,
         )
-        return _result(outcome, exit_code, reason, started_at, stats.peak_memory_bytes, stats.cpu_seconds)
+        return _result(outcome, exit_code, reason, started_at, stats.peak_memory_bytes, stats.cpu_seconds,
+                       disk_full=outcome is Outcome.FAILED and filled_disk(tail))
 
     def _stream(
         self,
@@ -442,6 +448,7 @@ def _result(
     started_at: datetime,
     peak_memory_bytes: int | None = None,
     cpu_seconds: float | None = None,
+    disk_full: bool = False,
 ) -> ExecResult:
     return ExecResult(
         outcome=outcome,
@@ -451,4 +458,5 @@ def _result(
         finished_at=_now(),
         peak_memory_bytes=peak_memory_bytes,
         cpu_seconds=cpu_seconds,
+        disk_full=disk_full,
     )

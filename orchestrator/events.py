@@ -20,7 +20,8 @@ class RunStarted:
 
 @dataclass(frozen=True)
 class StagePlanned:
-    """Before anything runs: whether the stage will run and why (cache miss reasons), or be restored."""
+    """Once a stage's first attempt has started: whether it runs and why (cache miss reasons), or is restored;
+    and, for a dry run, the forecast of each stage."""
 
     stage: str
     will_run: bool
@@ -29,6 +30,14 @@ class StagePlanned:
 
 @dataclass(frozen=True)
 class StageStarted:
+    stage: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StageRunning:
+    """An attempt's container is about to start (a cache hit has none): history marks the stage running."""
+
     stage: str
     attempt: int
 
@@ -58,11 +67,14 @@ class RunFinished:
 
 
 @dataclass(frozen=True)
-class Warning:
+class Notice:
+    """A warning for the user (a damaged cache entry, an input edited while its stage ran)."""
+
     message: str
 
 
-Event = RunStarted | StagePlanned | StageStarted | StageOutput | StageRetrying | StageFinished | RunFinished | Warning
+Event = (RunStarted | StagePlanned | StageStarted | StageRunning | StageOutput | StageRetrying | StageFinished
+         | RunFinished | Notice)
 
 
 class Reporter(Protocol):

@@ -70,7 +70,7 @@ class Outcome(StrEnum):
     ERROR = "error"  # infrastructure: the engine failed or the container vanished
 
 
-DISK_FULL = "no space left on device (ENOSPC)"  # how an ExecResult's reason ends when a disk filled up
+DISK_FULL = "no space left on device (ENOSPC)"  # the end of a disk-full stage's reason, for people
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,11 @@ class ExecResult:
     finished_at: datetime
     peak_memory_bytes: int | None = None
     cpu_seconds: float | None = None
+    disk_full: bool = False  # it failed because a disk filled up (its outputs are then removed)
 
     @property
     def duration_s(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
-
-    @property
-    def disk_full(self) -> bool:
-        """The stage failed because a disk filled up (its outputs are then removed, so history can be written)."""
-        return self.reason.endswith(DISK_FULL)
 
 
 OutputSink = Callable[[str], None]  # receives decoded lines of stdout/stderr as they come

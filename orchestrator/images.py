@@ -1,25 +1,16 @@
 """Resolves every stage's image to an immutable id before any stage runs: builds `build:` contexts, checks `image:`.
 
-Knows nothing of containers, caches or history. A build whose context hash is in the memo (context hash -> image
-id, a JSON file) and whose image still exists is not sent to the engine at all.
-
-The context hash covers every file under the context (relative path, mode, content; symlinks by their target
-text), the Dockerfile, the build args and the local id of each FROM image. `.dockerignore` is NOT honoured by
-the hash: an ignored file that changes only costs a rebuild, which the engine's layer cache makes cheap, whereas
-a wrong reading of its patterns could reuse a stale image.
+Knows nothing of containers, caches or history. What to build is imageplan.forecast's decision (the context hash
+and the memo are documented there): a build whose context hash is in the memo and whose image still exists is
+not sent to the engine at all.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -27,13 +18,52 @@ import urllib3.exceptions
 
 from orchestrator.errors import EngineError, ImageError
 from orchestrator.executor import LABEL_MANAGED
+from orchestrator.hashing import HashMemo
+from orchestrator.imageplan import ImageForecast, ImageMemo, forecast
 from orchestrator.spec import Build, Pipeline
 
 BuildOutput = Callable[[str, str], None]  # (stage, line)
-CONTEXT_HASH_VERSION = 1  # bump when the recipe below changes: old memo entries then simply miss
-MEMO_MAX_ENTRIES = 500
+T = TypeVar("T")
 ENGINE_FAULTS = (docker.errors.DockerException, OSError, urllib3.exceptions.HTTPError)
 _FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE)
+
+
+class DockerView:
+    """imageplan.EngineView answered by the engine, with read-only calls."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self._client = client
+
+    def base_ids(self, pipeline: Pipeline, name: str, build: Build) -> dict[str, str]:
+        return _base_ids(pipeline, name, build, self._client)
+
+    def local_id(self, ref: str) -> str | None:
+        try:
+            return str(self._client.images.get(ref).id)
+        except docker.errors.ImageNotFound:
+            return None
+
+    def exists(self, image_id: str) -> bool:
+        return _exists(self._client, image_id)
+
+
+def engine_faults(action: Callable[[], T]) -> T:
+    """Run `action`, turning the engine's refusals into ImageError and its absence into EngineError."""
+    try:
+        return action()
+    except docker.errors.APIError as e:
+        raise ImageError(
+            f"docker engine refused an image request: {_one_line(e.explanation or str(e))}"
+        ) from e
+    except ENGINE_FAULTS as e:
+        raise EngineError(f"docker engine unreachable: {_one_line(str(e))}") from e
+
+
+def forecast_images(pipeline: Pipeline, stages: Iterable[str], client: docker.DockerClient, memo_path: Path,
+                    hash_memo: HashMemo | None = None) -> dict[str, ImageForecast]:
+    """`pipe run --dry-run`: imageplan.forecast with the engine's view; builds, pulls and writes nothing."""
+    memo = ImageMemo.load(memo_path)
+    return engine_faults(lambda: forecast(pipeline, stages, memo, DockerView(client), hash_memo))
 
 
 def resolve_images(
@@ -42,77 +72,34 @@ def resolve_images(
     client: docker.DockerClient,
     memo_path: Path,
     on_output: BuildOutput,
+    hash_memo: HashMemo | None = None,
 ) -> dict[str, str]:
-    """stage -> image id (sha256:...) for `stages`, in their order. Raises ImageError for a missing image or a
-    failed build, EngineError when the engine cannot be reached. Identical contexts are built once."""
-    memo = _read_memo(memo_path)
-    by_ref: dict[str, str] = {}
-    by_context: dict[str, str] = {}
-    resolved: dict[str, str] = {}
-    try:
-        for name in stages:
-            stage = pipeline.stages[name]
-            if stage.image is not None:
-                if stage.image not in by_ref:
-                    by_ref[stage.image] = _existing_image(pipeline, name, stage.image, client)
-                resolved[name] = by_ref[stage.image]
-                continue
-            assert stage.build is not None  # spec.py: exactly one of image/build
-            digest = context_hash(pipeline.root, stage.build, _base_ids(pipeline, name, stage.build, client))
-            if digest not in by_context:
-                image_id = memo.get(digest)
-                if image_id is None or not _exists(client, image_id):
+    """stage -> image id (sha256:...) for `stages`, in their order: the forecast, then what it says must be built
+    or pulled. Raises ImageError for a missing image or a failed build, EngineError when the engine cannot be
+    reached. Identical contexts are built once."""
+    memo = ImageMemo.load(memo_path)
+    view = DockerView(client)
+    names = tuple(stages)
+
+    def resolve() -> dict[str, str]:
+        planned = forecast(pipeline, names, memo, view, hash_memo)
+        resolved: dict[str, str] = {}
+        for name in names:
+            stage, plan = pipeline.stages[name], planned[name]
+            image_id = plan.image_id or (memo.images.get(plan.context) if plan.context else None)  # a twin's build
+            if not image_id:
+                if stage.image is not None:
+                    image_id = _existing_image(pipeline, name, stage.image, client)
+                else:
+                    assert stage.build is not None  # spec.py: exactly one of image/build
                     image_id = _build(pipeline, name, stage.build, client, on_output)
-                    memo[digest] = image_id
-                    _write_memo(memo_path, memo)
-                by_context[digest] = image_id
-            resolved[name] = by_context[digest]
-    except docker.errors.APIError as e:
-        raise ImageError(
-            f"docker engine refused an image request: {_one_line(e.explanation or str(e))}"
-        ) from e
-    except ENGINE_FAULTS as e:
-        raise EngineError(
-            f"docker engine unreachable: {_one_line(str(e))}; start it with scripts/engine.sh"
-        ) from e
-    return resolved
+            base_ids = view.base_ids(pipeline, name, stage.build) if stage.build is not None else None
+            memo.remember(pipeline.display_name, name, plan, image_id, base_ids, stage.image)
+            resolved[name] = image_id
+        memo.save()
+        return resolved
 
-
-def context_hash(root: Path, build: Build, base_ids: dict[str, str]) -> str:
-    """The hash of everything that decides what a build produces, as far as pipe can see it without the engine."""
-    context = root / build.context
-    h = hashlib.blake2b(digest_size=32)
-
-    def add(*parts: object) -> None:
-        h.update(json.dumps(parts, separators=(",", ":")).encode() + b"\n")
-
-    add("v", CONTEXT_HASH_VERSION, build.dockerfile, sorted(build.args.items()), sorted(base_ids.items()))
-    add("dockerfile", _file_digest(context / build.dockerfile))
-    for path in sorted(_walk(context), key=lambda p: p.relative_to(context).as_posix()):
-        rel = path.relative_to(context).as_posix()
-        st = path.lstat()
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISLNK(st.st_mode):
-            add("l", rel, os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            add("d", rel, mode)
-        elif stat.S_ISREG(st.st_mode):
-            add("f", rel, mode, _file_digest(path))
-    return h.hexdigest()
-
-
-def _walk(context: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(context):  # does not follow symlinked folders
-        for name in dirnames + filenames:
-            yield Path(dirpath) / name
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return engine_faults(resolve)
 
 
 def _base_ids(pipeline: Pipeline, name: str, build: Build, client: docker.DockerClient) -> dict[str, str]:
@@ -199,31 +186,6 @@ def _build(
             f"{where}: build of {build.context} failed: {_one_line(e.explanation or str(e))}"
         ) from e
     return image_id or str(client.images.get(tag).id)
-
-
-def _read_memo(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # absent or damaged: every build is simply a miss
-    if not isinstance(data, dict) or data.get("version") != CONTEXT_HASH_VERSION:
-        return {}
-    entries = data.get("images")
-    return {str(k): str(v) for k, v in entries.items()} if isinstance(entries, dict) else {}
-
-
-def _write_memo(path: Path, memo: dict[str, str]) -> None:
-    """Atomically: a temporary file in the same folder, then os.replace. Keeps the newest MEMO_MAX_ENTRIES."""
-    kept = dict(list(memo.items())[-MEMO_MAX_ENTRIES:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".images-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": CONTEXT_HASH_VERSION, "images": kept}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _where(pipeline: Pipeline, name: str, key: str) -> str:

@@ -3,9 +3,12 @@ with backoff, the run deadline and cancellation. Knows nothing of Docker, the da
 
 Contract with `run_stage(stage, attempt) -> StageResult` (api's closure):
 - it is called from worker threads, at most `policy.jobs` at a time, with attempt numbers 1, 2, …;
-- a FAILED result's failure kind (what `retry_on` matches) is read by `failure_kind` from the result alone:
-  `infra_error` -> "error"; a reason starting "killed: out of memory" -> "oom"; a reason starting "timed out" ->
-  "timeout"; any other failure -> "error". CANCELLED and SKIPPED results are never retried;
+- a FAILED result's failure kind (what `retry_on` matches) is read by `failure_kind` from the result's flags,
+  never its text: `infra_error` -> "error"; outcome OOM -> "oom"; outcome TIMEOUT -> "timeout"; any other
+  failure -> "error". CANCELLED and SKIPPED results are never retried; a final result after more than one
+  attempt says so in its reason ("... (after 3 attempts)");
+- a CANCELLED result returned after the run deadline passed is reworded here ("cancelled: run timed out after
+  1h00m"), since only execute knows why it cancelled;
 - an exception it raises becomes a FAILED result with `infra_error=True` (an EngineError, the engine lost
   mid-stage, included), unless its type is listed in `fatal`: then the run stops and execute re-raises it;
 - `on_cancel()` (executor.stop_all) must make running calls return promptly, normally with CANCELLED results.
@@ -23,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from orchestrator.errors import PipeError
 from orchestrator.events import Reporter, StageFinished, StageRetrying, StageStarted
+from orchestrator.executor import Outcome
 from orchestrator.results import StageResult, StageStatus
 from orchestrator.units import format_duration
 
@@ -81,15 +85,14 @@ class Execution:
         return all(result.ok for result in self.results.values())
 
 
+_KINDS = {Outcome.OOM: "oom", Outcome.TIMEOUT: "timeout"}
+
+
 def failure_kind(result: StageResult) -> str:
     """"error", "oom" or "timeout": what a RetryPolicy's retry_on matches (see the module docstring)."""
-    if result.infra_error:
+    if result.infra_error or result.outcome is None:
         return "error"
-    if result.reason.startswith("killed: out of memory"):
-        return "oom"
-    if result.reason.startswith("timed out"):
-        return "timeout"
-    return "error"
+    return _KINDS.get(result.outcome, "error")
 
 
 def should_retry(result: StageResult, policy: RetryPolicy, attempt: int) -> bool:
@@ -266,6 +269,8 @@ class _Run:
             self._stop(f"skipped: run stopped by an internal error in {stage}")
             self._stop_running()
             return
+        if self._deadline_hit and outcome.status is StageStatus.CANCELLED:
+            outcome = replace(outcome, reason=self._deadline_reason.replace("skipped", "cancelled", 1))
         self._set_result(outcome)
         if outcome.ok:
             for down in self._downstream[stage]:
@@ -323,6 +328,8 @@ class _Run:
             if self._cancel.is_set():
                 break  # the last failure stands; the run is stopping
             attempt += 1
+        if attempt > 1 and not result.ok:
+            result = replace(result, reason=f"{result.reason} (after {attempt} attempts)")
         return replace(result, stage=stage, attempts=attempt)
 
     def _call(self, stage: str, attempt: int) -> StageResult:

@@ -7,6 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from orchestrator.errors import ExitCode
+from orchestrator.executor import Outcome
 
 
 class StageStatus(StrEnum):
@@ -38,10 +39,12 @@ class Artifact:
 class StageResult:
     stage: str
     status: StageStatus
-    reason: str = ""
+    reason: str = ""  # one line for people; logic reads `outcome` and the flags, never this text
     exit_code: int | None = None
     attempts: int = 0
     infra_error: bool = False  # the engine or the machine failed, not the stage's own code
+    outcome: Outcome | None = None  # how its container ended; None when none ran (cached, skipped, pipe failed)
+    disk_full: bool = False  # the stage failed because a disk filled up (ENOSPC)
     cache_key: str | None = None
     cached_from: str | None = None  # the run whose outputs were restored
     image_id: str | None = None
@@ -54,6 +57,9 @@ class StageResult:
     outputs_digest: str | None = None
     artifacts: tuple[Artifact, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
+    ingredients_json: str | None = None  # what its cache key was made of, to explain the next miss
+    gate_passed: bool | None = None  # None: no gate, or no metrics to judge, or --no-gate
+    warnings: tuple[str, ...] = ()  # e.g. an input changed while the stage ran (then its outputs are not cached)
 
     @property
     def duration_s(self) -> float | None:

@@ -1,7 +1,7 @@
-"""One stage of one run: cache key, restore on a hit, container on a miss, outputs saved, metrics, gate, record.
+"""One stage of one run: decision, restore on a hit, container on a miss, outputs saved, metrics, gate.
 
 StageRunner is what parallel.execute calls for every attempt. It is built by api.run_pipeline with the real parts
-(cache, executor, store) and knows nothing of the CLI or of scheduling.
+(cache, executor, history reads) and knows nothing of the CLI, of scheduling, or of writing history.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator.cache import Cache, Manifest
-from orchestrator.cachekey import KEY_VERSION, Ingredients, explain_miss
+from orchestrator.cachekey import Ingredients
+from orchestrator.decide import WORKDIR, Decision, History, decide
 from orchestrator.errors import PipeError
-from orchestrator.events import Reporter, StageOutput, StagePlanned, Warning
+from orchestrator.events import Notice, Reporter, StageOutput, StagePlanned, StageRunning
 from orchestrator.executor import (
     LABEL_HOST,
     LABEL_MANAGED,
@@ -38,9 +39,6 @@ from orchestrator.metrics import MetricsError, check_gate, read_metrics
 from orchestrator.results import Artifact, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
-from orchestrator.store.store import Store
-
-WORKDIR = "/workspace"
 
 
 @dataclass(frozen=True)
@@ -61,8 +59,15 @@ def container_user(stage_user: str | None) -> str:
     return "0:0" if stage_user == "root" else stage_user
 
 
+GateBaseline = Callable[[str, str], "tuple[str, float] | None"]  # (stage, metric) -> (run id, value)
+
+
 class StageRunner:
-    """Runs attempts of the stages of one run. Thread-safe: each call touches only its own stage's folders."""
+    """Runs attempts of the stages of one run and returns their results; writes nothing to history (the
+    recorder does, from the events parallel emits). Thread-safe: each call touches only its own stage's folders.
+
+    An attempt: decide (decide.py: the same forecast as dry-run and status) -> restore on a hit, or prepare the
+    folders, run the container, check the inputs again, save the outputs -> metrics and gate."""
 
     def __init__(
         self,
@@ -70,45 +75,52 @@ class StageRunner:
         pipeline: Pipeline,
         run_id: str,
         state: StateDir,
-        store: Store,
         cache: Cache,
         executor: Executor,
         reporter: Reporter,
+        history: History,
+        gate_baseline: GateBaseline,
         image_ids: Mapping[str, str],
         input_digests: Mapping[str, dict[str, str]],
+        rehash: Callable[[str], str],
         upstream: dict[str, Upstream],
         secrets: Mapping[str, str],
         force: frozenset[str],
+        gate: bool = True,
     ) -> None:
         self.pipeline, self.run_id, self.state = pipeline, run_id, state
-        self.store, self.cache, self.executor, self.reporter = store, cache, executor, reporter
+        self.cache, self.executor, self.reporter, self.history = cache, executor, reporter, history
         self.image_ids, self.input_digests, self.secrets, self.force = image_ids, input_digests, secrets, force
+        self._gate_baseline, self._rehash, self._gate = gate_baseline, rehash, gate
         self._upstream = upstream  # grows as stages finish; earlier runs' outputs for --stage
         self._lock = threading.Lock()
 
-    def ingredients(self, name: str) -> Ingredients:
+    def decide(self, name: str) -> Decision:
         with self._lock:
-            upstream = {up: self._upstream[up].digest for up in self.pipeline.stages[name].needs}
-        return ingredients_for(self.pipeline, name, self.image_ids[name], self.input_digests[name], upstream)
+            upstream: dict[str, str | None] = {
+                up: self._upstream[up].digest if up in self._upstream else None
+                for up in self.pipeline.stages[name].needs}
+        return decide(self.pipeline, name, image_id=self.image_ids[name], inputs=self.input_digests[name],
+                      upstream=upstream, force=self.force, cache=self.cache, history=self.history)
 
     def __call__(self, name: str, attempt: int) -> StageResult:
+        decision = self.decide(name)
+        assert decision.ingredients is not None, "parallel starts a stage only once its upstreams are done"
+        if decision.problem:
+            self.reporter.emit(Notice(f"{name}: {decision.problem}; re-running"))
+        if decision.manifest is not None:
+            return self._restore(name, decision.manifest, decision.ingredients, attempt)
+        if attempt == 1:  # a retry is announced by StageRetrying, not as a new plan
+            self.reporter.emit(StagePlanned(name, True, decision.reasons))
+        return self._run(name, decision.ingredients, attempt, ", ".join(decision.reasons))
+
+    def _run(self, name: str, ingredients: Ingredients, attempt: int, reasons: str) -> StageResult:
         stage = self.pipeline.stages[name]
-        ingredients = self.ingredients(name)
         key = ingredients.key()
         out = self.state.outputs_dir(self.run_id, name)
-        if stage.cache and name not in self.force:
-            lookup = self.cache.lookup(key)
-            if lookup.problem:
-                self.reporter.emit(Warning(f"{name}: {lookup.problem}; re-running"))
-            if lookup.manifest is not None:
-                return self._restore(name, lookup.manifest, ingredients, attempt)
-        reasons = self._miss_reasons(name, ingredients)
-        self.reporter.emit(StagePlanned(name, True, tuple(reasons)))
         self._prepare(name, out)
-        started = datetime.now(UTC)
-        self.store.mark_stage_running(self.run_id, name, attempt, started,
-                                      log_path=str(self.state.log_path(self.run_id, name)))
         spec = self._container_spec(name, out)
+        self.reporter.emit(StageRunning(name, attempt))
         result = self.executor.run(spec, lambda line: self.reporter.emit(StageOutput(name, line)))
         base = StageResult(
             stage=name,
@@ -117,6 +129,8 @@ class StageRunner:
             exit_code=result.exit_code,
             attempts=attempt,
             infra_error=result.outcome is Outcome.ERROR,
+            outcome=result.outcome,
+            disk_full=result.disk_full,
             cache_key=key,
             image_id=self.image_ids[name],
             started_at=result.started_at,
@@ -125,20 +139,28 @@ class StageRunner:
             cpu_seconds=result.cpu_seconds,
             log_path=str(spec.log_path),
             outputs_path=str(out),
+            ingredients_json=ingredients.to_json(),
         )
         if result.outcome is Outcome.CANCELLED:
             remove_outputs(out)  # partial outputs of an interrupted stage are discarded
-            final = replace(base, status=StageStatus.CANCELLED)
-        elif result.outcome is not Outcome.SUCCEEDED:
-            final = base  # never cached; left on disk for debugging, unless they filled it
+            return replace(base, status=StageStatus.CANCELLED)
+        if result.outcome is not Outcome.SUCCEEDED:
             if result.disk_full:
                 remove_outputs(out)  # else history could not record this very failure
-        else:
-            final = self._succeeded(name, base, out, key, ingredients)
-        return self._record(final, ingredients, ", ".join(reasons))
+            return base  # never cached; left on disk for debugging
+        changed = self._changed_inputs(name)
+        if changed:
+            warning = f"{name}: input {', '.join(changed)} changed while the stage ran; its outputs are not cached"
+            self.reporter.emit(Notice(warning))
+            base = replace(base, warnings=(warning,), cache_key=None, ingredients_json=None)
+        result_ok = self._succeeded(name, base, out, key if stage.cache and not changed else None, ingredients)
+        if result_ok.status is StageStatus.SUCCEEDED and reasons:
+            result_ok = replace(result_ok, reason=f"ran: {reasons}")
+        return result_ok
 
-    def _miss_reasons(self, name: str, ingredients: Ingredients) -> list[str]:
-        return miss_reasons(self.pipeline, name, ingredients, self.store, self.force)
+    def _changed_inputs(self, name: str) -> list[str]:
+        """The declared inputs whose content differs from what the key was computed from (edited mid-run)."""
+        return [rel for rel, digest in self.input_digests[name].items() if self._rehash(rel) != digest]
 
     def _prepare(self, name: str, out: Path) -> None:
         remove_outputs(out)  # a retry starts from an empty /outputs
@@ -187,20 +209,22 @@ class StageRunner:
             log_path=self.state.log_path(self.run_id, name),
         )
 
-    def _succeeded(self, name: str, base: StageResult, out: Path, key: str, ingredients: Ingredients) -> StageResult:
-        stage = self.pipeline.stages[name]
+    def _succeeded(self, name: str, base: StageResult, out: Path, key: str | None,
+                   ingredients: Ingredients) -> StageResult:
+        """Hash the outputs and save them under `key` (None: not cached), then metrics and gate."""
         try:
             tree = hash_tree(out)
         except PipeError as e:  # the stage left a fifo, socket, device or unreadable file: its fault, not pipe's
             return replace(base, reason=f"outputs not stored: {e}")
-        if stage.cache:
+        if key is not None:
             self.cache.save(key, out, tree, ingredients, self.run_id, name)
         result = replace(base, status=StageStatus.SUCCEEDED, reason="", outputs_digest=tree.digest,
                          artifacts=artifacts_of(tree))
         return self._finish_outputs(name, result, out, tree)
 
     def _restore(self, name: str, manifest: Manifest, ingredients: Ingredients, attempt: int) -> StageResult:
-        self.reporter.emit(StagePlanned(name, False, (f"cached from run {manifest.run_id}",)))
+        reason = f"cached from run {manifest.run_id}"
+        self.reporter.emit(StagePlanned(name, False, (reason,)))
         out = self.state.outputs_dir(self.run_id, name)
         now = datetime.now(UTC)
         remove_outputs(out)
@@ -209,7 +233,7 @@ class StageRunner:
         result = StageResult(
             stage=name,
             status=StageStatus.CACHED,
-            reason=f"cached from run {manifest.run_id}",
+            reason=reason,
             attempts=attempt,
             cache_key=manifest.key,
             cached_from=manifest.run_id,
@@ -219,8 +243,9 @@ class StageRunner:
             outputs_path=str(out),
             outputs_digest=tree.digest,
             artifacts=artifacts_of(tree),
+            ingredients_json=ingredients.to_json(),
         )
-        return self._record(self._finish_outputs(name, result, out, tree), ingredients, "")
+        return self._finish_outputs(name, result, out, tree)
 
     def _finish_outputs(self, name: str, result: StageResult, out: Path, tree: TreeDigest) -> StageResult:
         """Metrics and gate, shared by fresh and restored outputs; publishes the outputs to downstream stages."""
@@ -231,29 +256,15 @@ class StageRunner:
             except MetricsError as e:
                 return replace(result, status=StageStatus.FAILED, reason=str(e))
             result = replace(result, metrics=metrics)
-            if stage.gate is not None:
-                last = self.store.last_gate_pass(self.pipeline.display_name, name, stage.gate.metric)
-                if problem := check_gate(stage.gate, metrics, last):
-                    return replace(result, status=StageStatus.FAILED, reason=problem)
+            if stage.gate is not None and not self._gate:
+                result = replace(result, warnings=(*result.warnings, f"{name}: gate not checked (--no-gate)"))
+            elif stage.gate is not None:
+                baseline = self._gate_baseline(name, stage.gate.metric)
+                if problem := check_gate(stage.gate, metrics, baseline):
+                    return replace(result, status=StageStatus.FAILED, reason=problem, gate_passed=False)
+                result = replace(result, gate_passed=True)
         with self._lock:
             self._upstream[name] = Upstream(out, tree.digest)
-        return result
-
-    def _record(self, result: StageResult, ingredients: Ingredients, reasons: str) -> StageResult:
-        stage = self.pipeline.stages[result.stage]
-        if result.status is StageStatus.SUCCEEDED and reasons:
-            result = replace(result, reason=f"ran: {reasons}")
-        gate_passed = None
-        if stage.gate is not None and result.metrics:
-            gate_passed = result.ok
-        self.store.record_stage(
-            self.run_id,
-            result,
-            ingredients_json=ingredients.to_json(),
-            user=container_user(stage.user),
-            hermetic=not stage.network,
-            gate_passed=gate_passed,
-        )
         return result
 
 
@@ -279,86 +290,15 @@ def artifacts_of(tree: TreeDigest) -> tuple[Artifact, ...]:
     return tuple(Artifact(f.path, f.size, f.digest) for f in tree.files)
 
 
-def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo) -> dict[str, dict[str, str]]:
-    """{stage: {input path: content digest}}; each distinct path is hashed once, unchanged files not read."""
+def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo, flush: bool = True
+                ) -> dict[str, dict[str, str]]:
+    """{stage: {input path: content digest}}; each distinct path is hashed once, unchanged files not read. The
+    memo is written back only with `flush` (read commands leave it alone)."""
     digests: dict[str, str] = {}
     for name in stages:
         for rel in pipeline.stages[name].inputs:
             if rel not in digests:
                 digests[rel] = hash_tree(pipeline.root / rel, memo).digest
-    memo.flush()
+    if flush:
+        memo.flush()
     return {name: {rel: digests[rel] for rel in pipeline.stages[name].inputs} for name in stages}
-
-
-def ingredients_for(
-    pipeline: Pipeline, name: str, image_id: str, inputs: Mapping[str, str], upstream: Mapping[str, str]
-) -> Ingredients:
-    """What a stage's cache key is made of (cachekey.py documents the recipe)."""
-    stage = pipeline.stages[name]
-    argv = stage.argv()
-    return Ingredients(
-        version=KEY_VERSION,
-        image=image_id,
-        command=list(argv) if argv is not None else None,
-        entrypoint=list(stage.entrypoint) if stage.entrypoint is not None else None,
-        workdir=WORKDIR,
-        env=dict(stage.env),
-        params=dict(stage.params),
-        inputs=dict(inputs),
-        upstream=dict(upstream),
-    )
-
-
-def miss_reasons(pipeline: Pipeline, name: str, ingredients: Ingredients, store: Store, force: frozenset[str]) -> list[str]:
-    """Why a stage runs: forced, uncached, or each ingredient changed since its last successful run."""
-    if name in force:
-        return ["forced"]
-    if not pipeline.stages[name].cache:
-        return ["cache: false"]
-    previous = store.last_success(pipeline.display_name, name)
-    before = Ingredients.from_json(previous.ingredients_json) if previous and previous.ingredients_json else None
-    return explain_miss(before, ingredients) or ["outputs not in the cache"]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    stage: str
-    will_run: bool
-    reasons: tuple[str, ...]
-
-
-def predict(
-    pipeline: Pipeline,
-    order: tuple[str, ...],
-    store: Store,
-    cache: Cache,
-    image_ids: Mapping[str, str | None],
-    input_digests: Mapping[str, dict[str, str]],
-    upstream: Mapping[str, Upstream],
-    force: frozenset[str],
-) -> list[Prediction]:
-    """Which stages would hit the cache and why the others would run; starts nothing, records nothing.
-    A stage below one that runs is predicted to run: its upstream outputs are not known until then."""
-    digests = {name: up.digest for name, up in upstream.items()}
-    predictions = []
-    for name in order:
-        waiting = [up for up in pipeline.stages[name].needs if up not in digests]
-        image_id = image_ids.get(name)
-        if waiting:
-            reasons = [f"upstream {up} runs first" for up in waiting]
-        elif image_id is None:
-            reasons = ["image not built yet"]
-        else:
-            ingredients = ingredients_for(
-                pipeline, name, image_id, input_digests[name], {up: digests[up] for up in pipeline.stages[name].needs}
-            )
-            manifest = None
-            if pipeline.stages[name].cache and name not in force:
-                manifest = cache.lookup(ingredients.key()).manifest
-            if manifest is not None:
-                digests[name] = manifest.digest
-                predictions.append(Prediction(name, False, (f"cached from run {manifest.run_id}",)))
-                continue
-            reasons = miss_reasons(pipeline, name, ingredients, store, force)
-        predictions.append(Prediction(name, True, tuple(reasons)))
-    return predictions

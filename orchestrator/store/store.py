@@ -214,6 +214,15 @@ class Store:
             row = session.scalars(query).first()
             return _stage_info(row) if row else None
 
+    def last_record(self, pipeline: str, stage: str) -> StageRunInfo | None:
+        """The latest finished record of `stage` in `pipeline`, whatever its status: how it last ended."""
+        query = (select(StageRunRow).join(StageRunRow.run)
+                 .where(RunRow.pipeline == pipeline, StageRunRow.stage == stage, StageRunRow.status.is_not(None))
+                 .order_by(RunRow.started_at.desc(), RunRow.id.desc()).limit(1).options(*_WITH_DETAILS))
+        with self._read() as session:
+            row = session.scalars(query).first()
+            return _stage_info(row) if row else None
+
     def metric_history(self, pipeline: str, limit: int = 20) -> list[MetricPoint]:
         """Every metric of the latest `limit` runs that recorded any, newest run first, then stage and name."""
         has_metrics = (select(MetricRow.id).join(StageRunRow, MetricRow.stage_run_id == StageRunRow.id)

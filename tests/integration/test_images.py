@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import images
+from orchestrator import imageplan, images
 from orchestrator.errors import ImageError
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.spec import Pipeline, Source
@@ -133,7 +133,7 @@ def test_damaged_memo_is_a_miss(
     memo.write_text("{not json")
     resolve(pipeline_of({"hello": {"build": "stages/hello"}}), docker, memo)
     assert len(build_calls) == 1
-    assert json.loads(memo.read_text())["version"] == images.CONTEXT_HASH_VERSION
+    assert json.loads(memo.read_text())["version"] == imageplan.CONTEXT_HASH_VERSION
 
 
 def test_existing_image_resolves_to_its_id(pipeline_of: Any, docker: Any, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from orchestrator.parallel import (
     execute,
     failure_kind,
 )
+from orchestrator.executor import Outcome
 from orchestrator.results import StageResult, StageStatus
 
 WAIT_S = 10.0  # upper bound for anything that should happen at once; reached only when a test fails
@@ -324,7 +325,7 @@ def test_retries_back_off_exponentially_and_count_attempts() -> None:
     assert stages.calls == [("train", 1), ("train", 2), ("train", 3), ("train", 4)]
     result = execution.results["train"]
     assert result.status is StageStatus.FAILED and result.attempts == 4
-    assert result.reason == "exited with code 4"
+    assert result.reason == "exited with code 4 (after 4 attempts)"
     retrying = [e for e in reporter.events if isinstance(e, StageRetrying)]
     assert [(e.attempt, e.delay_s, e.reason) for e in retrying] == [
         (2, 1.0, "exited with code 1"), (3, 2.0, "exited with code 2"), (4, 4.0, "exited with code 3")]
@@ -339,13 +340,13 @@ def test_retry_that_succeeds_stops_retrying() -> None:
     assert execution.results["eval"].attempts == 1
 
 
-@pytest.mark.parametrize("reason, kind", [
-    ("killed: out of memory (cap 256 MiB)", "oom"),
-    ("timed out after 20m00s", "timeout"),
+@pytest.mark.parametrize("reason, outcome, kind", [
+    ("killed: out of memory (cap 256 MiB)", Outcome.OOM, "oom"),
+    ("timed out after 20m00s", Outcome.TIMEOUT, "timeout"),
 ])
-def test_oom_and_timeout_are_retried_only_when_asked(reason: str, kind: str) -> None:
+def test_oom_and_timeout_are_retried_only_when_asked(reason: str, outcome: Outcome, kind: str) -> None:
     def stages() -> FakeStages:
-        return FakeStages({"train": lambda _: failed("train", reason)})
+        return FakeStages({"train": lambda _: failed("train", reason, outcome=outcome)})
 
     default = run(["train"], stages=stages(), retry={"train": RetryPolicy(retries=2)}, sleep=lambda _: None)
     assert default.results["train"].attempts == 1
@@ -354,11 +355,22 @@ def test_oom_and_timeout_are_retried_only_when_asked(reason: str, kind: str) -> 
     assert asked.results["train"].attempts == 3
 
 
-def test_failure_kind_reads_the_result() -> None:
-    assert failure_kind(failed("s", "killed: out of memory (cap 1 GiB)")) == "oom"
-    assert failure_kind(failed("s", "timed out after 1m00s")) == "timeout"
-    assert failure_kind(failed("s", "exited with code 2")) == "error"
-    assert failure_kind(failed("s", "timed out", infra_error=True)) == "error"
+def test_failure_kind_reads_the_outcome_never_the_text() -> None:
+    assert failure_kind(failed("s", "killed: out of memory (cap 1 GiB)", outcome=Outcome.OOM)) == "oom"
+    assert failure_kind(failed("s", "timed out after 1m00s", outcome=Outcome.TIMEOUT)) == "timeout"
+    assert failure_kind(failed("s", "exited with code 2", outcome=Outcome.FAILED)) == "error"
+    assert failure_kind(failed("s", "timed out", outcome=Outcome.TIMEOUT, infra_error=True)) == "error"
+    # the words alone decide nothing: a stage may print anything into a reason
+    assert failure_kind(failed("s", "timed out waiting for the GPU", outcome=Outcome.FAILED)) == "error"
+    assert failure_kind(failed("s", "killed: out of memory", outcome=Outcome.FAILED)) == "error"
+
+
+def test_a_failure_after_retries_says_how_many_attempts() -> None:
+    stages = FakeStages({"train": lambda _: failed("train", "exited with code 1", outcome=Outcome.FAILED)})
+    execution = run(["train"], stages=stages, retry={"train": RetryPolicy(retries=2)}, sleep=lambda _: None)
+    assert execution.results["train"].reason == "exited with code 1 (after 3 attempts)"
+    once = run(["train"], stages=FakeStages({"train": lambda _: failed("train")}), sleep=lambda _: None)
+    assert once.results["train"].reason == "exited with code 1"
 
 
 @pytest.mark.parametrize("status", [StageStatus.CANCELLED, StageStatus.SKIPPED])
@@ -505,6 +517,7 @@ def test_deadline_cancels_the_run_and_names_the_timeout() -> None:
     assert execution.deadline_hit and not execution.cancelled
     assert statuses(execution) == {"train": "cancelled", "eval": "skipped"}
     assert execution.results["eval"].reason == "skipped: run timed out after 1h00m"
+    assert execution.results["train"].reason == "cancelled: run timed out after 1h00m"  # reworded where known
 
 
 def test_failure_before_cancel_names_the_failure_in_skips() -> None:
