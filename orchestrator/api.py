@@ -257,7 +257,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         run_stage = StageRunner(
             pipeline=pipeline, run_id=run_id, state=state, cache=Cache(state.cache_dir), executor=executor,
             reporter=recorder, history=_StoreHistory(store, pipeline.display_name),
-            gate_baseline=lambda stage, metric: store.last_gate_pass(pipeline.display_name, stage, metric),
+            gate_baseline=lambda stage, metric: store.gate_baseline(pipeline.display_name, stage, metric),
             image_ids=image_ids, input_digests=input_digests,
             rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
             upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
@@ -271,12 +271,14 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
 
 def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
     pipeline = prepared.pipeline
+    commit, dirty = _git_state(pipeline.root)
     return store.begin_run(
         pipeline=pipeline.display_name,
         pipeline_path=str(pipeline.path.resolve()),
         pipeline_hash=hashlib.sha256(pipeline.path.read_bytes()).hexdigest(),
         trigger=request.trigger,
-        git_commit=_git_commit(pipeline.root),
+        git_commit=commit,
+        git_dirty=dirty,
         host=socket.gethostname(),
         pid=os.getpid(),
         params_override=prepared.overrides,
@@ -356,14 +358,23 @@ def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, 
     return found
 
 
-def _git_commit(folder: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+def _git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether the tree has uncommitted changes) of the git tree holding `folder`; None when it is
+    not in one or git is absent."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5,
+                                 check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    if commit is None:
+        return None, None
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit, None if changes is None else bool(changes.strip())
 
 
 # ---- history --------------------------------------------------------------------------------------------------
@@ -436,9 +447,10 @@ class StatusReport:
     next_run: list[Decision]  # in plan order
 
 
-def status(target: Target) -> StatusReport:
-    """The latest run and what would run next time and why: the same forecast as `pipe run --dry-run`, with the
-    image ids the last resolution recorded (no engine needed; base images are assumed unchanged)."""
+def status(target: Target, backend: Backend | None = None) -> StatusReport:
+    """The latest run and what would run next time and why: the same forecast as `pipe run --dry-run`. Images
+    are checked with the engine's read-only view when it answers; without one, from what the last resolution
+    recorded (base images are then assumed unchanged)."""
     from orchestrator.imageplan import ImageMemo, RecordedView, forecast
 
     loaded = load(target)
@@ -446,15 +458,67 @@ def status(target: Target) -> StatusReport:
     plan = build_plan(pipeline)
     with open_store(loaded, read_only=True) as store:
         run = store.latest_run(pipeline.display_name)
-        memo = ImageMemo.load(loaded.state.images_memo)
-        images = forecast(pipeline, plan.order, memo, RecordedView(memo), store.hash_memo())
+        hash_memo = store.hash_memo()
+        backend = backend or _engine_if_up()
+        if backend is not None:
+            images = backend.forecast_images(pipeline, plan.order, loaded.state.images_memo, hash_memo)
+        else:
+            memo = ImageMemo.load(loaded.state.images_memo)
+            images = forecast(pipeline, plan.order, memo, RecordedView(memo), hash_memo)
         next_run = _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset())
     return StatusReport(pipeline, run, next_run.decisions)
+
+
+def _engine_if_up() -> Backend | None:
+    from orchestrator.backend import DockerBackend
+    from orchestrator.errors import EngineError
+
+    try:
+        return DockerBackend()
+    except EngineError:
+        return None
 
 
 def stage_running(target: Target, run_id: str, stage: str) -> bool:
     info = show_run(target, run_id)
     return info.status == RunStatus.RUNNING and any(s.stage == stage and s.status is None for s in info.stages)
+
+
+# ---- gates ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcceptedGate:
+    stage: str
+    metric: str
+    value: float
+    run_id: str
+
+
+def gate_accept(target: Target, run: str, stage: str | None = None) -> list[AcceptedGate]:
+    """Make RUN's metrics the baseline every gate (or the one of `stage`) measures max_drop from; recorded."""
+    import difflib
+
+    loaded = load(target)
+    pipeline = loaded.pipeline
+    gated = {name: s.gate for name, s in pipeline.stages.items() if s.gate is not None}
+    if stage is not None and stage not in gated:
+        close = difflib.get_close_matches(stage, sorted(gated), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"stage {stage!r} has no gate{hint}; gated stages: {', '.join(sorted(gated)) or 'none'}")
+    accepted = []
+    with open_store(loaded) as store:
+        info = store.get_run(run, pipeline.display_name)
+        for name, gate in sorted(gated.items()):
+            if stage is not None and name != stage:
+                continue
+            record = info.stage(name)
+            value = record.metrics.get(gate.metric) if record is not None else None
+            if value is None:
+                raise UsageError(f"run {info.id} recorded no {gate.metric} for stage {name}: nothing to accept")
+            store.accept_gate(pipeline.display_name, name, gate.metric, info.id, value)
+            accepted.append(AcceptedGate(name, gate.metric, value, info.id))
+    return accepted
 
 
 # ---- cache ------------------------------------------------------------------------------------------------------

@@ -111,6 +111,28 @@ def _install_signal_handlers(cancel: api.Cancel) -> Any:
     return restore
 
 
+gate_app = typer.Typer(no_args_is_help=True, help="Quality gates: accept a new baseline.")
+app.add_typer(gate_app, name="gate")
+
+
+@gate_app.command("accept")
+def gate_accept(
+    run: Annotated[str, typer.Argument(help="The run whose metrics become the baseline (or `latest`).")],
+    pipeline: PipelineArg = DEFAULT_FILE,
+    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage's gate.")] = None,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Accept RUN as the baseline that max_drop gates measure from (recorded in history)."""
+    accepted = api.gate_accept(_target(pipeline, state_dir, db), run, stage)
+    if json_out:
+        console.print_json([{"stage": a.stage, "metric": a.metric, "value": a.value, "run_id": a.run_id}
+                            for a in accepted])
+    for a in accepted if not json_out else ():
+        typer.echo(f"{a.stage}: gate baseline is now run {a.run_id} ({a.metric} = {a.value:g})")
+
+
 @app.command()
 def validate(
     pipeline: PipelineArg = DEFAULT_FILE,

@@ -40,8 +40,8 @@ def _flatten(value: object, prefix: str, out: dict[str, float]) -> None:
 
 
 def check_gate(gate: Gate, metrics: dict[str, float], last_pass: tuple[str, float] | None) -> str | None:
-    """The reason the gate fails, or None when it passes. last_pass is (run id, value) of the latest run whose
-    value passed this gate; max_drop is measured from it."""
+    """The reason the gate fails, or None when it passes. last_pass is (run id, value) of the gate's baseline
+    (store.gate_baseline: the latest run that passed it, or a run accepted later); max_drop is measured from it."""
     if gate.metric not in metrics:
         return f"gate: metric {gate.metric} missing from the metrics file"
     value = metrics[gate.metric]
@@ -55,6 +55,6 @@ def check_gate(gate: Gate, metrics: dict[str, float], last_pass: tuple[str, floa
         if drop > gate.max_drop + 1e-12:
             return (
                 f"gate: {gate.metric} {value:.4g} dropped {drop:.4g} from {previous:.4g} in run {run_id} "
-                f"(max_drop {gate.max_drop:.4g})"
+                f"(max_drop {gate.max_drop:.4g}; `pipe gate accept RUN` takes a new baseline, --no-gate skips it once)"
             )
     return None

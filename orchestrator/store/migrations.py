@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _frozen = MetaData()
 
@@ -127,13 +127,32 @@ _tick = Table(
 def _to_v1(conn: Connection) -> None:
     _frozen.create_all(conn, tables=[_schema_version, _run, _stage_run, _artifact, _metric, _file_hash])
 
+# --- v3: accepted gate baselines, stage warnings, a dirty git tree (issue 14) --------------------------------
+_gate_baseline = Table(
+    "gate_baseline", _frozen,
+    Column("id", Integer, primary_key=True),
+    Column("pipeline", String(128), nullable=False),
+    Column("stage", String(64), nullable=False),
+    Column("metric", String(128), nullable=False),
+    Column("run_id", String(32), ForeignKey("run.id", ondelete="CASCADE"), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("accepted_at", DateTime(timezone=True), nullable=False),
+    Index("ix_gate_baseline_lookup", "pipeline", "stage", "metric", "accepted_at"),
+)
+
 
 def _to_v2(conn: Connection) -> None:
     _tick.create(conn)
     conn.execute(text("ALTER TABLE stage_run ADD COLUMN gate_passed BOOLEAN"))
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2}
+def _to_v3(conn: Connection) -> None:
+    _gate_baseline.create(conn)
+    conn.execute(text("ALTER TABLE stage_run ADD COLUMN warnings JSON"))
+    conn.execute(text("ALTER TABLE run ADD COLUMN git_dirty BOOLEAN"))
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3}
 assert sorted(STEPS) == list(range(1, SCHEMA_VERSION + 1)), "one migration step per schema version"
 
 

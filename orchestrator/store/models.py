@@ -90,6 +90,7 @@ class RunRow(Base):
     pid: Mapped[int]
     exit_code: Mapped[int | None]
     params_override: Mapped[dict[str, Any]]
+    git_dirty: Mapped[bool | None]  # added in schema v3: uncommitted changes in the pipeline's git tree
 
     # lazy="raise": listing runs must never load stages by accident; callers ask with selectinload
     stages: Mapped[list[StageRunRow]] = relationship(
@@ -126,6 +127,7 @@ class StageRunRow(Base):
     hermetic: Mapped[bool]
     ingredients_json: Mapped[str | None] = mapped_column(Text)
     gate_passed: Mapped[bool | None]  # added in schema v2
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)  # added in schema v3
 
     run: Mapped[RunRow] = relationship(back_populates="stages")
     artifacts: Mapped[list[ArtifactRow]] = relationship(
@@ -182,3 +184,18 @@ class TickRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     run_id: Mapped[str | None] = mapped_column(ForeignKey("run.id", ondelete="SET NULL"))
     recorded_at: Mapped[datetime]
+
+
+class GateBaselineRow(Base):
+    """A run accepted as the baseline a gate's max_drop is measured from (`pipe gate accept`, schema v3)."""
+
+    __tablename__ = "gate_baseline"
+    __table_args__ = (Index("ix_gate_baseline_lookup", "pipeline", "stage", "metric", "accepted_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(NAME_LEN))
+    stage: Mapped[str] = mapped_column(String(NAME_LEN))
+    metric: Mapped[str] = mapped_column(String(128))
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    value: Mapped[float] = mapped_column(Float)
+    accepted_at: Mapped[datetime]

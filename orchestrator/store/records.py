@@ -49,10 +49,11 @@ class StageRunInfo:
     outputs_digest: str | None
     user: str | None
     hermetic: bool
-    ingredients_json: str | None  # the cache key's ingredients (secrets only as hashes), for explaining misses
+    ingredients_json: str | None  # the cache key's ingredients (secrets never enter them), for explaining misses
     artifacts: tuple[Artifact, ...]
     metrics: dict[str, float]
-    gate_passed: bool | None  # None: the stage has no gate
+    gate_passed: bool | None  # None: the stage has no gate, or it was not checked (--no-gate)
+    warnings: tuple[str, ...] = ()  # e.g. an input changed while the stage ran
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class StageRunInfo:
             "artifacts": [{"path": a.path, "size": a.size, "digest": a.digest} for a in self.artifacts],
             "metrics": dict(sorted(self.metrics.items())),
             "gate_passed": self.gate_passed,
+            "warnings": list(self.warnings),
         }
 
 
@@ -100,6 +102,7 @@ class RunInfo:
     exit_code: int | None
     params_override: dict[str, Any]
     stages: tuple[StageRunInfo, ...]
+    git_dirty: bool | None = None  # None: unknown (not a git tree, or recorded before schema v4)
 
     @property
     def duration_s(self) -> float | None:
@@ -122,6 +125,7 @@ class RunInfo:
             "finished_at": iso_utc(self.finished_at),
             "duration_s": self.duration_s,
             "git_commit": self.git_commit,
+            "git_dirty": self.git_dirty,
             "host": self.host,
             "pid": self.pid,
             "exit_code": self.exit_code,

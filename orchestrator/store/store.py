@@ -23,7 +23,7 @@ from orchestrator.hashing import HashMemo
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
 from orchestrator.store.db import WRITE, describe, one_line, open_engine
 from orchestrator.store.hashmemo import SqlHashMemo
-from orchestrator.store.models import ArtifactRow, MetricRow, RunRow, StageRunRow, TickRow
+from orchestrator.store.models import ArtifactRow, GateBaselineRow, MetricRow, RunRow, StageRunRow, TickRow
 from orchestrator.store.records import (
     TICK_ACTIONS,
     TRIGGERS,
@@ -74,7 +74,8 @@ class Store:
     # --- recording a run -----------------------------------------------------------------------------------
 
     def begin_run(self, pipeline: str, pipeline_path: str, pipeline_hash: str, trigger: Trigger,
-                  git_commit: str | None, host: str, pid: int, params_override: dict[str, Any]) -> str:
+                  git_commit: str | None, host: str, pid: int, params_override: dict[str, Any],
+                  git_dirty: bool | None = None) -> str:
         """Record a new run as running and return its id."""
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS}, not {trigger!r}")
@@ -86,7 +87,8 @@ class Store:
             session.add(RunRow(
                 id=run_id, pipeline=pipeline, pipeline_path=pipeline_path, pipeline_hash=pipeline_hash,
                 trigger=trigger, status=RunStatus.RUNNING, started_at=started_at, finished_at=None,
-                git_commit=git_commit, host=host, pid=pid, exit_code=None, params_override=params_override))
+                git_commit=git_commit, host=host, pid=pid, exit_code=None, params_override=params_override,
+                git_dirty=git_dirty))
         self._began[run_id] = set()
         return run_id
 
@@ -117,6 +119,7 @@ class Store:
             row.outputs_path, row.outputs_digest = result.outputs_path, result.outputs_digest
             row.user, row.hermetic, row.ingredients_json = user, hermetic, ingredients_json
             row.gate_passed = gate_passed
+            row.warnings = list(result.warnings) or None
             row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
             row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
 
@@ -237,17 +240,32 @@ class Store:
         with self._read() as session:
             return [MetricPoint(*row) for row in session.execute(query)]
 
-    def last_gate_pass(self, pipeline: str, stage: str, metric: str) -> tuple[str, float] | None:
-        """(run id, value of `metric`) of the latest run in which `stage` passed its gate."""
-        query = (select(RunRow.id, MetricRow.value)
-                 .join(StageRunRow, StageRunRow.run_id == RunRow.id)
-                 .join(MetricRow, MetricRow.stage_run_id == StageRunRow.id)
-                 .where(RunRow.pipeline == pipeline, StageRunRow.stage == stage,
-                        StageRunRow.gate_passed.is_(True), MetricRow.name == metric)
-                 .order_by(RunRow.started_at.desc()).limit(1))
+    def accept_gate(self, pipeline: str, stage: str, metric: str, run_id: str, value: float) -> None:
+        """Record `run_id`'s `metric` as the baseline the stage's gate measures max_drop from (`pipe gate accept`)."""
+        with self._write() as session:
+            self._run_row(session, run_id)
+            session.add(GateBaselineRow(pipeline=pipeline, stage=stage, metric=metric, run_id=run_id, value=value,
+                                        accepted_at=_now()))
+
+    def gate_baseline(self, pipeline: str, stage: str, metric: str) -> tuple[str, float] | None:
+        """(run id, value of `metric`) that a gate's max_drop is measured from: the newer of the latest run in which
+        the stage passed its gate (by the run's start) and the latest accepted baseline (by when it was accepted)."""
+        passed = (select(RunRow.started_at, RunRow.id, MetricRow.value)
+                  .join(StageRunRow, StageRunRow.run_id == RunRow.id)
+                  .join(MetricRow, MetricRow.stage_run_id == StageRunRow.id)
+                  .where(RunRow.pipeline == pipeline, StageRunRow.stage == stage,
+                         StageRunRow.gate_passed.is_(True), MetricRow.name == metric)
+                  .order_by(RunRow.started_at.desc()).limit(1))
+        accepted = (select(GateBaselineRow.accepted_at, GateBaselineRow.run_id, GateBaselineRow.value)
+                    .where(GateBaselineRow.pipeline == pipeline, GateBaselineRow.stage == stage,
+                           GateBaselineRow.metric == metric)
+                    .order_by(GateBaselineRow.accepted_at.desc(), GateBaselineRow.id.desc()).limit(1))
         with self._read() as session:
-            row = session.execute(query).first()
-            return (row[0], row[1]) if row else None
+            found = [row for row in (session.execute(passed).first(), session.execute(accepted).first()) if row]
+        if not found:
+            return None
+        _, run_id, value = max(found, key=lambda row: row[0])
+        return run_id, value
 
     def referenced_cache_keys(self, keep_runs: int | None, keep_days: float | None) -> set[str]:
         """Cache keys that the newest `keep_runs` runs or the runs of the last `keep_days` days (of every
@@ -325,7 +343,7 @@ def _run_info(row: RunRow, with_stages: bool) -> RunInfo:
         id=row.id, pipeline=row.pipeline, pipeline_path=row.pipeline_path, pipeline_hash=row.pipeline_hash,
         trigger=cast(Trigger, row.trigger), status=row.status, started_at=row.started_at,
         finished_at=row.finished_at, git_commit=row.git_commit, host=row.host, pid=row.pid,
-        exit_code=row.exit_code, params_override=dict(row.params_override),
+        exit_code=row.exit_code, params_override=dict(row.params_override), git_dirty=row.git_dirty,
         stages=tuple(_stage_info(s) for s in stages))
 
 
@@ -338,4 +356,5 @@ def _stage_info(row: StageRunRow) -> StageRunInfo:
         outputs_path=row.outputs_path, outputs_digest=row.outputs_digest, user=row.user, hermetic=row.hermetic,
         ingredients_json=row.ingredients_json,
         artifacts=tuple(Artifact(path=a.path, size=a.size, digest=a.digest) for a in row.artifacts),
-        metrics={m.name: m.value for m in row.metrics}, gate_passed=row.gate_passed)
+        metrics={m.name: m.value for m in row.metrics}, gate_passed=row.gate_passed,
+        warnings=tuple(row.warnings or ()))

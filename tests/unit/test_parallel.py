@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.errors import EngineError, StoreError
 from orchestrator.events import Event, StageFinished, StageRetrying, StageStarted
+from orchestrator.executor import Outcome
 from orchestrator.parallel import (
     Capacity,
     Demand,
@@ -19,7 +20,6 @@ from orchestrator.parallel import (
     execute,
     failure_kind,
 )
-from orchestrator.executor import Outcome
 from orchestrator.results import StageResult, StageStatus
 
 WAIT_S = 10.0  # upper bound for anything that should happen at once; reached only when a test fails

@@ -211,8 +211,8 @@ def test_unknown_run_is_not_found(store: Store) -> None:
         store.record_stage("20200101-000000-0000", result("data"))
 
 
-def test_metric_history_and_last_gate_pass(store: Store) -> None:
-    assert store.last_gate_pass("iris", "evaluate", "r2") is None
+def test_metric_history_and_gate_baseline(store: Store) -> None:
+    assert store.gate_baseline("iris", "evaluate", "r2") is None
     passed = begin(store)
     store.record_stage(passed, result("evaluate", metrics={"r2": 0.46, "mae": 3.0}), gate_passed=True)
     no_metrics = begin(store)
@@ -221,13 +221,18 @@ def test_metric_history_and_last_gate_pass(store: Store) -> None:
     store.record_stage(failed_gate, result("evaluate", StageStatus.FAILED, metrics={"r2": 0.41}),
                        gate_passed=False)
 
-    assert store.last_gate_pass("iris", "evaluate", "r2") == (passed, 0.46)
-    assert store.last_gate_pass("iris", "evaluate", "rmse") is None
+    assert store.gate_baseline("iris", "evaluate", "r2") == (passed, 0.46)
+    assert store.gate_baseline("iris", "evaluate", "rmse") is None
     history = store.metric_history("iris", limit=5)
+    store.accept_gate("iris", "evaluate", "r2", failed_gate, 0.41)  # `pipe gate accept`: newer than the pass
+    assert store.gate_baseline("iris", "evaluate", "r2") == (failed_gate, 0.41)
     assert [(p.run_id, p.name, p.value) for p in history] == [
         (failed_gate, "r2", 0.41), (passed, "mae", 3.0), (passed, "r2", 0.46)]
     assert [p.run_id for p in store.metric_history("iris", limit=1)] == [failed_gate]
     assert history[0].to_json()["stage"] == "evaluate"
+    later = begin(store)  # a run that passes after the acceptance is the baseline again
+    store.record_stage(later, result("evaluate", metrics={"r2": 0.44}), gate_passed=True)
+    assert store.gate_baseline("iris", "evaluate", "r2") == (later, 0.44)
 
 
 def test_referenced_cache_keys_keep_recent_and_running_runs(store: Store) -> None:
@@ -345,7 +350,7 @@ def test_schema_v1_database_opens_and_keeps_its_rows(tmp_path: Path) -> None:
         assert len(store.ticks("iris")) == 1
         new = begin(store)
         store.record_stage(new, result("evaluate", metrics={"r2": 0.5}), gate_passed=True)
-        assert store.last_gate_pass("iris", "evaluate", "r2") == (new, 0.5)
+        assert store.gate_baseline("iris", "evaluate", "r2") == (new, 0.5)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
