@@ -84,14 +84,27 @@ def load(target: Target) -> Loaded:
 
 @contextmanager
 def open_store(loaded: Loaded) -> Iterator[Store]:
+    """The history to write (`pipe run`, the scheduler, maintenance): created or migrated as needed, and the
+    pipeline's runs whose owner is provably gone (store/lease.py) marked interrupted."""
     from orchestrator.store.store import Store
 
     loaded.state.ensure()
     store = Store(loaded.db_url)
     try:
-        if not loaded.state.is_locked():  # nobody runs: a "running" run is a dead one
-            for run in store.running_runs(loaded.pipeline.display_name):
-                store.mark_interrupted(run.id)
+        store.mark_dead_runs(loaded.pipeline.display_name)
+        yield store
+    finally:
+        store.close()  # also stops the heartbeat of a run leased on it
+
+
+@contextmanager
+def read_store(loaded: Loaded) -> Iterator[Store]:
+    """The history to read (status, runs, show, logs, metrics, schedule): opened as it is, never created,
+    migrated or marked; a run whose owner is provably gone reads as interrupted all the same."""
+    from orchestrator.store.store import Store
+
+    store = Store(loaded.db_url, read_only=True)
+    try:
         yield store
     finally:
         store.close()
@@ -161,7 +174,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     client = docker_executor.connect(request.docker_url)
     state = loaded.state.ensure()
     with state.lock(wait=request.wait) as lock, open_store(loaded) as store:
-        docker_executor.sweep_orphans(client, str(state.root), is_alive=lambda run_id: False)
+        docker_executor.sweep_orphans(client, str(state.root), is_alive=store.run_alive)
         upstream = _earlier_outputs(plan, pipeline, store)
         image_ids = images.resolve_images(pipeline, plan.order, client, state.images_memo, reporter_build(reporter))
         input_digests = hash_inputs(pipeline, plan.order, store.hash_memo())
@@ -182,6 +195,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             pid=os.getpid(),
             params_override=overrides,
         )
+        store.lease(run_id)  # renews the run's lease until finish_run, or until open_store closes the store
         lock.describe(run_id)
         reporter.emit(RunStarted(run_id, pipeline.display_name, plan.order))
         executor = docker_executor.DockerExecutor(client)
@@ -284,13 +298,13 @@ def _git_commit(folder: Path) -> str | None:
 
 def latest_run(target: Target) -> tuple[Pipeline, RunInfo | None]:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return loaded.pipeline, store.latest_run(loaded.pipeline.display_name)
 
 
 def list_runs(target: Target, status: str | None, trigger: str | None, limit: int) -> list[RunInfo]:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return store.list_runs(
             loaded.pipeline.display_name, status=_run_status(status), trigger=parse_trigger(trigger), limit=limit,
             with_stages=True,
@@ -314,7 +328,7 @@ def parse_trigger(value: str | None) -> Literal["manual", "schedule"] | None:
 
 def show_run(target: Target, run: str) -> RunInfo:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return store.get_run(run, loaded.pipeline.display_name)
 
 
@@ -330,7 +344,7 @@ def log_path(target: Target, run: str, stage: str) -> tuple[RunInfo, Path]:
 
 def metric_history(target: Target, limit: int) -> list[MetricPoint]:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return store.metric_history(loaded.pipeline.display_name, limit)
 
 
@@ -373,13 +387,13 @@ def status(target: Target) -> StatusReport:
     loaded = load(target)
     pipeline = loaded.pipeline
     plan = build_plan(pipeline)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         run = store.latest_run(pipeline.display_name)
         image_ids: dict[str, str | None] = {}
         for name in plan.order:
             last = store.last_success(pipeline.display_name, name)
             image_ids[name] = last.image_id if last else None
-        inputs = hash_inputs(pipeline, plan.order, store.hash_memo())
+        inputs = hash_inputs(pipeline, plan.order, store.hash_memo())  # read-only: its flush writes nothing
         predictions = predict(pipeline, plan.order, store, Cache(loaded.state.cache_dir), image_ids, inputs, {},
                               frozenset())
     return StatusReport(pipeline, run, predictions)
@@ -435,7 +449,7 @@ def schedule_report(target: Target, count: int) -> ScheduleReport:
     pipeline = loaded.pipeline
     if pipeline.schedule is None:
         raise UsageError(f"{pipeline.path} has no `schedule:`; add one (cron:, timezone:)")
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         ticks = store.ticks(pipeline.display_name, count)
     return ScheduleReport(pipeline, cron.next_fire_times(pipeline.schedule, datetime.now(UTC), count), ticks)
 
@@ -506,7 +520,7 @@ def run_scheduler(
             store.record_tick(name, due_at, action, reason, run_id)
 
     def last_tick(name: str) -> datetime | None:
-        with open_store(load(by_name[name])) as store:
+        with read_store(load(by_name[name])) as store:
             ticks = store.ticks(name, 1)
         return ticks[0].due_at if ticks else None
 

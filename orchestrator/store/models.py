@@ -1,4 +1,4 @@
-"""The history schema as typed SQLAlchemy 2.0 mapped classes (schema v2); they never leave `store/`.
+"""The history schema as typed SQLAlchemy 2.0 mapped classes (schema v3); they never leave `store/`.
 
 The tables are created and upgraded by `migrations.py`, not by `create_all`; a test keeps the two in step.
 """
@@ -90,6 +90,11 @@ class RunRow(Base):
     pid: Mapped[int]
     exit_code: Mapped[int | None]
     params_override: Mapped[dict[str, Any]]
+    # the lease (schema v3): `host` and `pid` own the run; `owner_process` tells that pid from a later process
+    # given the same number (lease.process_identity); the owner renews the lease while it lives (lease.py)
+    owner_process: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]  # the database's clock
+    lease_expires_at: Mapped[datetime | None]
 
     # lazy="raise": listing runs must never load stages by accident; callers ask with selectinload
     stages: Mapped[list[StageRunRow]] = relationship(
