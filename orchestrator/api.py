@@ -86,15 +86,28 @@ def load(target: Target) -> Loaded:
 
 
 @contextmanager
-def open_store(loaded: Loaded, read_only: bool = False) -> Iterator[Store]:
+def open_store(loaded: Loaded) -> Iterator[Store]:
+    """The history to write (`pipe run`, the scheduler, maintenance): created or migrated as needed, and the
+    pipeline's runs whose owner is provably gone (store/lease.py) marked interrupted."""
     from orchestrator.store.store import Store
 
     loaded.state.ensure()
     store = Store(loaded.db_url)
     try:
-        if not read_only and not loaded.state.is_locked():  # nobody runs: a "running" run is a dead one
-            for run in store.running_runs(loaded.pipeline.display_name):
-                store.mark_interrupted(run.id)
+        store.mark_dead_runs(loaded.pipeline.display_name)
+        yield store
+    finally:
+        store.close()  # also stops the heartbeat of a run leased on it
+
+
+@contextmanager
+def read_store(loaded: Loaded) -> Iterator[Store]:
+    """The history to read (status, runs, show, logs, metrics, schedule): opened as it is, never created,
+    migrated or marked; a run whose owner is provably gone reads as interrupted all the same."""
+    from orchestrator.store.store import Store
+
+    store = Store(loaded.db_url, read_only=True)
+    try:
         yield store
     finally:
         store.close()
@@ -210,7 +223,7 @@ def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: Store, state: S
     from orchestrator.decide import forecast
     from orchestrator.runner import hash_inputs
 
-    inputs = hash_inputs(pipeline, order, store.hash_memo(), flush=False)
+    inputs = hash_inputs(pipeline, order, store.hash_memo())
     decisions = forecast(pipeline, order, images={n: (f.image_id, f.reason) for n, f in images.items()},
                          inputs=inputs, upstream={n: u.digest for n, u in upstream.items()}, force=force,
                          cache=Cache(state.cache_dir), history=_StoreHistory(store, pipeline.display_name))
@@ -224,7 +237,7 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     prepared = prepare(request)
     backend = backend or DockerBackend(request.docker_url)
     pipeline, order = prepared.pipeline, prepared.plan.order
-    with open_store(prepared.loaded, read_only=True) as store:
+    with read_store(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
         images = backend.forecast_images(pipeline, order, prepared.loaded.state.images_memo, store.hash_memo())
         return _forecast(pipeline, order, store, prepared.loaded.state, images, upstream, prepared.force)
@@ -244,12 +257,13 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     backend = backend or DockerBackend(request.docker_url)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
-        backend.sweep(str(state.root), is_alive=lambda run_id: False)
+        backend.sweep(str(state.root), is_alive=store.run_alive)
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
         memo = store.hash_memo()
         image_ids = backend.resolve_images(pipeline, order, state.images_memo, reporter_build(reporter), memo)
         input_digests = hash_inputs(pipeline, order, memo)
         run_id = _begin_run(store, prepared, request)
+        store.lease(run_id)  # renewed until finish_run, or until open_store closes the store
         lock.describe(run_id)
         reporter.emit(RunStarted(run_id, pipeline.display_name, order))
         recorder = Recorder(store, run_id, pipeline, state, reporter)
@@ -382,7 +396,7 @@ def _git_state(folder: Path) -> tuple[str | None, bool | None]:
 
 def list_runs(target: Target, status: str | None, trigger: str | None, limit: int) -> list[RunInfo]:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return store.list_runs(
             loaded.pipeline.display_name, status=_run_status(status), trigger=parse_trigger(trigger), limit=limit,
             with_stages=True,
@@ -406,7 +420,7 @@ def parse_trigger(value: str | None) -> Literal["manual", "schedule"] | None:
 
 def show_run(target: Target, run: str) -> RunInfo:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return store.get_run(run, loaded.pipeline.display_name)
 
 
@@ -422,7 +436,7 @@ def log_path(target: Target, run: str, stage: str) -> tuple[RunInfo, Path]:
 
 def metric_history(target: Target, limit: int) -> list[MetricPoint]:
     loaded = load(target)
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         return store.metric_history(loaded.pipeline.display_name, limit)
 
 
@@ -456,7 +470,7 @@ def status(target: Target, backend: Backend | None = None) -> StatusReport:
     loaded = load(target)
     pipeline = loaded.pipeline
     plan = build_plan(pipeline)
-    with open_store(loaded, read_only=True) as store:
+    with read_store(loaded) as store:
         run = store.latest_run(pipeline.display_name)
         hash_memo = store.hash_memo()
         backend = backend or _engine_if_up()
@@ -566,7 +580,7 @@ def schedule_report(target: Target, count: int) -> ScheduleReport:
     pipeline = loaded.pipeline
     if pipeline.schedule is None:
         raise UsageError(f"{pipeline.path} has no `schedule:`; add one (cron:, timezone:)")
-    with open_store(loaded) as store:
+    with read_store(loaded) as store:
         ticks = store.ticks(pipeline.display_name, count)
     return ScheduleReport(pipeline, cron.next_fire_times(pipeline.schedule, datetime.now(UTC), count), ticks)
 
@@ -637,7 +651,7 @@ def run_scheduler(
             store.record_tick(name, due_at, action, reason, run_id)
 
     def last_tick(name: str) -> datetime | None:
-        with open_store(load(by_name[name])) as store:
+        with read_store(load(by_name[name])) as store:
             ticks = store.ticks(name, 1)
         return ticks[0].due_at if ticks else None
 

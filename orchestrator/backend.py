@@ -31,8 +31,9 @@ class Backend(Protocol):
         """stage -> immutable image id, building or pulling what the forecast says is missing."""
         ...
 
-    def sweep(self, owner: str, is_alive: Callable[[str], bool]) -> list[str]:
-        """Remove containers a dead run of this state dir left behind; their ids."""
+    def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
+        """Remove containers a dead run of this state dir left behind (is_alive: the run's lease, None when
+        history does not know it); the dead runs' ids."""
         ...
 
 
@@ -59,7 +60,7 @@ class DockerBackend:
 
         return images.resolve_images(pipeline, stages, self._client, memo_path, on_output, hash_memo)
 
-    def sweep(self, owner: str, is_alive: Callable[[str], bool]) -> list[str]:
+    def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
         from orchestrator import docker_executor
 
         return docker_executor.sweep_orphans(self._client, owner, is_alive)

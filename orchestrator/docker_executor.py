@@ -25,7 +25,9 @@ from docker.types import Mount as DockerMount
 from orchestrator.errors import EngineError
 from orchestrator.executor import (
     DISK_FULL,
+    LABEL_HOST,
     LABEL_MANAGED,
+    LABEL_PID,
     LABEL_PIPELINE,
     LABEL_RUN,
     ContainerSpec,
@@ -388,8 +390,12 @@ class _Stats:
             self.cpu_seconds = max(self.cpu_seconds or 0.0, total_ns / 1e9)
 
 
-def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[str], bool]) -> list[str]:
-    """Remove the containers of pipeline `owner` whose run is not alive; return those runs' ids, sorted."""
+def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
+    """Remove the containers of pipeline `owner` whose run is not alive; return those runs' ids, sorted.
+
+    `is_alive(run_id)` answers from the history (the run's lease): True, False, or None when it does not know
+    the run; then the container's labels decide: its pipe process on this host is dead, or it has no pid label.
+    A container of another host's unknown run is left alone (that host's pipe may still run it)."""
     alive: dict[str, bool] = {}
     dead: set[str] = set()
     try:
@@ -397,9 +403,11 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
         for row in client.api.containers(
             all=True, filters={"label": [LABEL_MANAGED, f"{LABEL_PIPELINE}={owner}"]}
         ):
-            run_id = str((row.get("Labels") or {}).get(LABEL_RUN, ""))
+            labels = row.get("Labels") or {}
+            run_id = str(labels.get(LABEL_RUN, ""))
             if run_id not in alive:
-                alive[run_id] = is_alive(run_id)
+                known = is_alive(run_id)
+                alive[run_id] = _starter_alive(labels) if known is None else known
             if not alive[run_id]:
                 with suppress(docker.errors.APIError):  # gone, or removal in progress
                     client.api.remove_container(row["Id"], force=True)
@@ -414,6 +422,23 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
             f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
         ) from e
     return sorted(dead)
+
+
+def _starter_alive(labels: Mapping[str, str]) -> bool:
+    """Whether the pipe process named by a container's LABEL_HOST and LABEL_PID may still be running."""
+    try:
+        pid = int(labels.get(LABEL_PID, ""))
+    except ValueError:
+        return False  # no pid: not started by a pipe that records one
+    if labels.get(LABEL_HOST) != os.uname().nodename:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _stop(container: Container) -> None:

@@ -18,7 +18,7 @@ LABEL_MANAGED = f"{LABEL_PREFIX}.managed"  # "1" on every container pipe starts
 LABEL_PIPELINE = f"{LABEL_PREFIX}.pipeline"  # the pipeline's state dir, resolved: one lock, one owner
 LABEL_RUN = f"{LABEL_PREFIX}.run"
 LABEL_STAGE = f"{LABEL_PREFIX}.stage"
-LABEL_PID = f"{LABEL_PREFIX}.pid"  # the pipe process that started it; dead pid => orphan
+LABEL_PID = f"{LABEL_PREFIX}.pid"  # its pipe process; the orphan sweep reads it for runs not in history
 LABEL_HOST = f"{LABEL_PREFIX}.host"
 
 

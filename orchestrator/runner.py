@@ -290,15 +290,13 @@ def artifacts_of(tree: TreeDigest) -> tuple[Artifact, ...]:
     return tuple(Artifact(f.path, f.size, f.digest) for f in tree.files)
 
 
-def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo, flush: bool = True
-                ) -> dict[str, dict[str, str]]:
-    """{stage: {input path: content digest}}; each distinct path is hashed once, unchanged files not read. The
-    memo is written back only with `flush` (read commands leave it alone)."""
+def hash_inputs(pipeline: Pipeline, stages: tuple[str, ...], memo: HashMemo) -> dict[str, dict[str, str]]:
+    """{stage: {input path: content digest}}; each distinct path is hashed once, unchanged files not read (a
+    read-only store's memo writes nothing when flushed)."""
     digests: dict[str, str] = {}
     for name in stages:
         for rel in pipeline.stages[name].inputs:
             if rel not in digests:
                 digests[rel] = hash_tree(pipeline.root / rel, memo).digest
-    if flush:
-        memo.flush()
+    memo.flush()
     return {name: {rel: digests[rel] for rel in pipeline.stages[name].inputs} for name in stages}

@@ -4,7 +4,9 @@ Layout (default `runs/` beside pipeline.yaml; `--state-dir` or PIPE_STATE_DIR mo
     runs/pipe.db             history (SQLite; any SQLAlchemy URL through --db / PIPE_DB instead)
     runs/cache/              content-addressed stage outputs (cache.py)
     runs/images.json         build-context hash -> image id (images.py)
-    runs/lock                flock held by the running `pipe run`; a crash releases it with the process
+    runs/lock                flock held by the running `pipe run`; a crash releases it with the process. It keeps
+                             two runs of one state dir apart on one host; whether a run lives is its lease's
+                             word (store/lease.py), as history may be shared by checkouts and hosts
     runs/<run-id>/<stage>/   a stage's outputs; runs/<run-id>/<stage>.log its output
 """
 
@@ -88,21 +90,6 @@ class StateDir:
             yield held
         finally:
             os.close(fd)  # releases the flock
-
-    def is_locked(self) -> bool:
-        """True while some process holds the lock (a live `pipe run`)."""
-        if not self.lock_path.exists():
-            return False
-        fd = os.open(self.lock_path, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
 
     def holder(self) -> str:
         try:

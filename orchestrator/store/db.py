@@ -1,4 +1,5 @@
-"""Opens the history database: SQLite (a private file in WAL mode) or PostgreSQL, migrated to SCHEMA_VERSION.
+"""Opens the history database: SQLite (a private file in WAL mode) or PostgreSQL, migrated to SCHEMA_VERSION;
+or, for the commands that only read, as it is: never created nor migrated.
 
 Every SQLAlchemy or OS error met while opening becomes a StoreError naming the database. Knows no tables.
 """
@@ -9,12 +10,14 @@ import os
 import random
 import sqlite3
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
 
 from orchestrator.errors import StoreError
 from orchestrator.store import migrations
@@ -34,11 +37,15 @@ def describe(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def open_engine(url: str) -> Engine:
+def open_engine(url: str, read_only: bool = False) -> Engine:
     """An engine on `url` whose schema is at SCHEMA_VERSION; creates or upgrades the database as needed.
 
     Raises StoreError when the URL is unusable, the database cannot be opened, is not pipe's, or comes from a
     newer pipe. The engine's transactions only read; use `engine.execution_options(pipe_write=True)` to write.
+
+    `read_only`: nothing is created, migrated or switched (not even SQLite's WAL mode). An absent or empty
+    database is empty history (an engine on an empty in-memory database); one of an older schema is a
+    StoreError asking for one `pipe run`, which upgrades it.
     """
     try:
         parsed = make_url(url)
@@ -48,8 +55,13 @@ def open_engine(url: str) -> Engine:
     if backend not in SUPPORTED:
         raise StoreError(f"database {describe(parsed)} uses {backend}; pipe supports sqlite and postgresql")
     name = describe(parsed)
+    if read_only and backend == "sqlite" and not _sqlite_exists(parsed):
+        return empty_engine()
     try:
-        engine = _sqlite_engine(parsed) if backend == "sqlite" else create_engine(parsed, pool_pre_ping=True)
+        if backend == "sqlite":
+            engine = _sqlite_engine(parsed, read_only)
+        else:
+            engine = create_engine(parsed, pool_pre_ping=True)
     except OSError as e:
         raise StoreError(f"database {name} cannot be created: {e.strerror}: {e.filename}") from e
     except ImportError as e:
@@ -57,7 +69,12 @@ def open_engine(url: str) -> Engine:
     except SQLAlchemyError as e:
         raise StoreError(f"database {name} cannot be opened: {one_line(e)}") from e
     try:
-        _ensure_schema(engine, name)
+        if read_only:
+            if _read_only_version(engine, name) == 0:
+                engine.dispose()
+                return empty_engine()
+        else:
+            _ensure_schema(engine, name)
     except SQLAlchemyError as e:
         engine.dispose()
         raise StoreError(f"database {name} cannot be opened: {one_line(e)}") from e
@@ -73,11 +90,28 @@ def one_line(error: SQLAlchemyError) -> str:
     return " ".join(str(orig if orig is not None else error).split())
 
 
-def _sqlite_engine(url: URL) -> Engine:
-    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+def empty_engine() -> Engine:
+    """An in-memory SQLite database at SCHEMA_VERSION with no rows: what a read of absent history sees."""
+    engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", partial(_sqlite_connect, wal=False))
+    event.listen(engine, "begin", _sqlite_begin)
+    with engine.begin() as conn:
+        migrations.upgrade(conn, 0)
+    return engine
+
+
+def _sqlite_exists(url: URL) -> bool:
+    """False when the URL names a database file that does not exist (a read must not create it)."""
+    if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+        return True
+    return Path(url.database).exists()
+
+
+def _sqlite_engine(url: URL, read_only: bool = False) -> Engine:
+    if not read_only and url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         _create_private_file(Path(url.database))
     engine = create_engine(url)
-    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "connect", partial(_sqlite_connect, wal=not read_only))
     event.listen(engine, "begin", _sqlite_begin)
     return engine
 
@@ -94,13 +128,14 @@ def _create_private_file(path: Path) -> None:
         pass  # another process created it first
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any, wal: bool = True) -> None:
     # Take transactions out of pysqlite's hands (it would BEGIN lazily, and never IMMEDIATE): _sqlite_begin
     # emits them. See the SQLAlchemy docs, "Serializable isolation / Savepoints / Transactional DDL".
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    _use_wal(cursor)
+    if wal:
+        _use_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -143,6 +178,17 @@ def _ensure_schema(engine: Engine, name: str) -> None:
         _check_version(version, name)
         if version is not None and version < SCHEMA_VERSION:
             migrations.upgrade(conn, version)
+
+
+def _read_only_version(engine: Engine, name: str) -> int:
+    """The schema version of a database opened read-only: SCHEMA_VERSION, or 0 when it is empty."""
+    with engine.connect() as conn:
+        version = migrations.current_version(conn)
+    _check_version(version, name)
+    if version not in (0, SCHEMA_VERSION):
+        raise StoreError(f"history {name} is schema v{version}; run `pipe run` once to upgrade it "
+                         f"to v{SCHEMA_VERSION}")
+    return version or 0
 
 
 def _check_version(version: int | None, name: str) -> None:

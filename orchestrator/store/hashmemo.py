@@ -34,7 +34,8 @@ class SqlHashMemo:
     """Implements orchestrator.hashing.HashMemo; safe to call from the threads that hash files in parallel."""
 
     def __init__(self, read: Callable[[], AbstractContextManager[Session]],
-                 write: Callable[[], AbstractContextManager[Session]]) -> None:
+                 write: Callable[[], AbstractContextManager[Session]] | None) -> None:
+        """`write` None: a read-only memo, whose flush() drops the puts (the history is not written)."""
         self._read, self._write = read, write
         self._lock = threading.Lock()
         self._known: dict[str, tuple[StatKey, str]] | None = None
@@ -51,10 +52,14 @@ class SqlHashMemo:
             self._pending[path] = (key, digest)
 
     def flush(self) -> None:
-        """Write the buffered puts in one transaction (an upsert per path); a no-op when there are none."""
+        """Write the buffered puts in one transaction (an upsert per path); a no-op when there are none, and on a
+        read-only memo, which keeps them for this process only."""
         with self._lock:
             pending, self._pending = self._pending, {}
             if not pending:
+                return
+            if self._write is None:  # read-only: remembered in this process only
+                self._load().update(pending)
                 return
             try:
                 rows = [{"path": path, "dev": _signed(key[0]), "ino": _signed(key[1]), "size": key[2],

@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _frozen = MetaData()
 
@@ -123,11 +123,16 @@ _tick = Table(
     Index("ix_tick_pipeline_due", "pipeline", "due_at"),
 )
 
+# --- v3: the lease of a running run (issue 14): who owns it and until when it is known alive ------------------
+_lease_columns = (
+    Column("owner_process", String(128)),
+    Column("heartbeat_at", DateTime(timezone=True)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+)
+_V3_LEASE_S = 60  # what a run that was running at the upgrade gets: a lease from the upgrade, this long
 
-def _to_v1(conn: Connection) -> None:
-    _frozen.create_all(conn, tables=[_schema_version, _run, _stage_run, _artifact, _metric, _file_hash])
 
-# --- v3: accepted gate baselines, stage warnings, a dirty git tree (issue 14) --------------------------------
+# --- v4: accepted gate baselines, stage warnings, a dirty git tree (issue 14) --------------------------------
 _gate_baseline = Table(
     "gate_baseline", _frozen,
     Column("id", Integer, primary_key=True),
@@ -141,18 +146,34 @@ _gate_baseline = Table(
 )
 
 
+def _to_v1(conn: Connection) -> None:
+    _frozen.create_all(conn, tables=[_schema_version, _run, _stage_run, _artifact, _metric, _file_hash])
+
+
 def _to_v2(conn: Connection) -> None:
     _tick.create(conn)
     conn.execute(text("ALTER TABLE stage_run ADD COLUMN gate_passed BOOLEAN"))
 
 
 def _to_v3(conn: Connection) -> None:
+    for column in _lease_columns:
+        conn.execute(text(f"ALTER TABLE run ADD COLUMN {column.name} {column.type.compile(dialect=conn.dialect)}"))
+    # A run recorded as running has no lease yet: it gets one from the upgrade, on the database's clock, so it
+    # is not taken for dead at once (its pipe may still run) nor kept running forever (it may have died).
+    if conn.dialect.name == "postgresql":
+        now, expires = "now()", f"now() + interval '{_V3_LEASE_S} seconds'"
+    else:
+        now, expires = "datetime('now')", f"datetime('now', '+{_V3_LEASE_S} seconds')"
+    conn.execute(text(f"UPDATE run SET heartbeat_at = {now}, lease_expires_at = {expires} WHERE status = 'running'"))
+
+
+def _to_v4(conn: Connection) -> None:
     _gate_baseline.create(conn)
     conn.execute(text("ALTER TABLE stage_run ADD COLUMN warnings JSON"))
     conn.execute(text("ALTER TABLE run ADD COLUMN git_dirty BOOLEAN"))
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4}
 assert sorted(STEPS) == list(range(1, SCHEMA_VERSION + 1)), "one migration step per schema version"
 
 

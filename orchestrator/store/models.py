@@ -1,4 +1,4 @@
-"""The history schema as typed SQLAlchemy 2.0 mapped classes (schema v2); they never leave `store/`.
+"""The history schema as typed SQLAlchemy 2.0 mapped classes (schema v4); they never leave `store/`.
 
 The tables are created and upgraded by `migrations.py`, not by `create_all`; a test keeps the two in step.
 """
@@ -90,7 +90,12 @@ class RunRow(Base):
     pid: Mapped[int]
     exit_code: Mapped[int | None]
     params_override: Mapped[dict[str, Any]]
-    git_dirty: Mapped[bool | None]  # added in schema v3: uncommitted changes in the pipeline's git tree
+    git_dirty: Mapped[bool | None]  # added in schema v4: uncommitted changes in the pipeline's git tree
+    # the lease (schema v3): `host` and `pid` own the run; `owner_process` tells that pid from a later process
+    # given the same number (lease.process_identity); the owner renews the lease while it lives (lease.py)
+    owner_process: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]  # the database's clock
+    lease_expires_at: Mapped[datetime | None]
 
     # lazy="raise": listing runs must never load stages by accident; callers ask with selectinload
     stages: Mapped[list[StageRunRow]] = relationship(
@@ -127,7 +132,7 @@ class StageRunRow(Base):
     hermetic: Mapped[bool]
     ingredients_json: Mapped[str | None] = mapped_column(Text)
     gate_passed: Mapped[bool | None]  # added in schema v2
-    warnings: Mapped[list[str] | None] = mapped_column(JSON)  # added in schema v3
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)  # added in schema v4
 
     run: Mapped[RunRow] = relationship(back_populates="stages")
     artifacts: Mapped[list[ArtifactRow]] = relationship(
@@ -187,7 +192,7 @@ class TickRow(Base):
 
 
 class GateBaselineRow(Base):
-    """A run accepted as the baseline a gate's max_drop is measured from (`pipe gate accept`, schema v3)."""
+    """A run accepted as the baseline a gate's max_drop is measured from (`pipe gate accept`, schema v4)."""
 
     __tablename__ = "gate_baseline"
     __table_args__ = (Index("ix_gate_baseline_lookup", "pipeline", "stage", "metric", "accepted_at"),)

@@ -1,7 +1,8 @@
 """The run history API: records runs, stages, metrics and scheduler ticks, and answers what the commands ask.
 
 Takes and returns pipe's own values (`results`, `records`); each call is one short transaction, so concurrent
-`pipe` processes interleave safely. Knows nothing of Docker, the cache layout or the terminal.
+`pipe` processes interleave safely. A running run whose owner is provably gone (lease.py) is answered as
+interrupted, whether or not a writer has marked it yet. Knows nothing of Docker, the cache layout or the terminal.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.sql import Select
@@ -23,6 +25,7 @@ from orchestrator.hashing import HashMemo
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
 from orchestrator.store.db import WRITE, describe, one_line, open_engine
 from orchestrator.store.hashmemo import SqlHashMemo
+from orchestrator.store.lease import HEARTBEAT_S, LEASE_S, Heartbeat, Owner, gone, process_identity, this_host
 from orchestrator.store.models import ArtifactRow, GateBaselineRow, MetricRow, RunRow, StageRunRow, TickRow
 from orchestrator.store.records import (
     TICK_ACTIONS,
@@ -36,6 +39,7 @@ from orchestrator.store.records import (
 )
 
 LATEST = "latest"
+INTERRUPTED = "interrupted"  # the reason of a stage whose run's owner died while it ran
 _WITH_DETAILS = (selectinload(StageRunRow.artifacts), selectinload(StageRunRow.metrics))
 _WITH_STAGES = (selectinload(RunRow.stages).selectinload(StageRunRow.artifacts),
                 selectinload(RunRow.stages).selectinload(StageRunRow.metrics))
@@ -51,17 +55,27 @@ def _now() -> datetime:
 
 
 class Store:
-    """The history database at `url` (SQLite file or PostgreSQL), opened and migrated on construction."""
+    """The history database at `url` (SQLite file or PostgreSQL), opened and migrated on construction.
 
-    def __init__(self, url: str) -> None:
+    `read_only`: opened as it is, never created nor migrated (db.open_engine); every write raises StoreError.
+    `lease_s`: how long a lease this Store writes holds (LEASE_S)."""
+
+    def __init__(self, url: str, *, read_only: bool = False, lease_s: float = LEASE_S) -> None:
         self._name = describe(url)
-        self._engine = open_engine(url)
+        self._read_only = read_only
+        self._engine = open_engine(url, read_only=read_only)
         self._writer = self._engine.execution_options(**{WRITE: True})
+        self._lease = timedelta(seconds=lease_s)
         # run id -> the stages written, for the runs this Store began: no other process writes a live run's rows,
         # so a stage not in here has no row yet and recording it reads nothing first (a cached stage: one write)
         self._began: dict[str, set[str]] = {}
+        self._heartbeats: dict[str, Heartbeat] = {}
 
     def close(self) -> None:
+        """Stops the heartbeats of the runs this Store leased, then lets the database go."""
+        for heartbeat in list(self._heartbeats.values()):
+            heartbeat.stop()
+        self._heartbeats.clear()
         self._engine.dispose()
 
     def __enter__(self) -> Self:
@@ -80,17 +94,39 @@ class Store:
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS}, not {trigger!r}")
         started_at = _now()
+        owner = process_identity(pid) if host == this_host() else None
         with self._write() as session:
             run_id = new_run_id(started_at)
             while session.get(RunRow, run_id) is not None:  # two runs in one second drew the same suffix
                 run_id = new_run_id(started_at)
+            now = _db_now(session)
             session.add(RunRow(
                 id=run_id, pipeline=pipeline, pipeline_path=pipeline_path, pipeline_hash=pipeline_hash,
                 trigger=trigger, status=RunStatus.RUNNING, started_at=started_at, finished_at=None,
                 git_commit=git_commit, host=host, pid=pid, exit_code=None, params_override=params_override,
-                git_dirty=git_dirty))
+                owner_process=owner, heartbeat_at=now, lease_expires_at=now + self._lease, git_dirty=git_dirty))
         self._began[run_id] = set()
         return run_id
+
+    def lease(self, run_id: str, interval_s: float = HEARTBEAT_S) -> Heartbeat:
+        """Start renewing the lease of `run_id` (begun by this process) every `interval_s` until finish_run,
+        mark_interrupted or close; a context manager too (`with store.lease(run_id): ...` stops it on exit)."""
+        if run_id in self._heartbeats:
+            return self._heartbeats[run_id]
+        heartbeat = self._heartbeats[run_id] = Heartbeat(lambda: self.renew_lease(run_id), run_id,
+                                                               interval_s)
+        return heartbeat.start()
+
+    def renew_lease(self, run_id: str) -> bool:
+        """Extend the lease of a running run by `lease_s` from now (the database's clock); False, changing
+        nothing, when the run is no longer running (it finished, or was taken for dead and marked)."""
+        with self._write() as session:
+            now = _db_now(session)
+            renewed = session.execute(
+                update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING)
+                .values(heartbeat_at=now, lease_expires_at=now + self._lease)
+                .execution_options(synchronize_session=False))
+            return bool(getattr(renewed, "rowcount", 0))
 
     def mark_stage_running(self, run_id: str, stage: str, attempt: int, started_at: datetime,
                            log_path: str | None = None) -> None:
@@ -124,26 +160,48 @@ class Store:
             row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
 
     def finish_run(self, run_id: str, status: RunStatus, exit_code: int) -> None:
+        """Record the run's end; its heartbeat stops first, so nothing renews the lease of a finished run."""
+        self._stop_heartbeat(run_id)
         with self._write() as session:
             run = self._run_row(session, run_id)
             run.status, run.exit_code, run.finished_at = status, exit_code, _now()
 
-    def mark_interrupted(self, run_id: str, reason: str = "interrupted") -> bool:
-        """Mark a run whose process died as interrupted, and its running stages failed with `reason`.
+    def mark_interrupted(self, run_id: str, reason: str = INTERRUPTED) -> bool:
+        """Mark a run whose process died as interrupted, and its running stages failed with `reason`; they end
+        at the run's last heartbeat, when it was last known alive.
 
         Returns False, changing nothing, when the run is no longer running (it finished in the meantime).
         """
+        self._stop_heartbeat(run_id)
         with self._write() as session:
             run = self._run_row(session, run_id, selectinload(RunRow.stages))
             if run.status != RunStatus.RUNNING:
                 return False
-            now = _now()
+            now = run.heartbeat_at or _now()
             run.status, run.finished_at = RunStatus.INTERRUPTED, now
             for stage in run.stages:
                 if stage.status is None:
-                    stage.status, stage.reason, stage.finished_at = StageStatus.FAILED, reason, now
-                    stage.duration_s = (now - stage.started_at).total_seconds() if stage.started_at else None
+                    end = max(now, stage.started_at) if stage.started_at else now
+                    stage.status, stage.reason, stage.finished_at = StageStatus.FAILED, reason, end
+                    stage.duration_s = _seconds(stage.started_at, end)
             return True
+
+    def mark_dead_runs(self, pipeline: str) -> list[str]:
+        """Mark interrupted the running runs of `pipeline` whose owner is provably gone; return their ids."""
+        with self._read() as session:
+            rows = session.scalars(select(RunRow).where(RunRow.pipeline == pipeline,
+                                                        RunRow.status == RunStatus.RUNNING)).all()
+            dead = _verdicts(session, rows)
+        return [run_id for run_id, why in dead.items() if self.mark_interrupted(run_id, f"{INTERRUPTED}: {why}")]
+
+    def run_alive(self, run_id: str) -> bool | None:
+        """True while `run_id` runs and its owner may be alive, False once it ended or its owner is provably
+        gone, None when this history has no such run (what the orphan sweep asks of a container's run)."""
+        with self._read() as session:
+            row = session.get(RunRow, run_id)
+            if row is None:
+                return None
+            return row.status == RunStatus.RUNNING and row.id not in _verdicts(session, [row])
 
     def record_tick(self, pipeline: str, due_at: datetime, action: TickAction, reason: str,
                     run_id: str | None = None) -> None:
@@ -154,15 +212,16 @@ class Store:
                                 recorded_at=_now()))
 
     def hash_memo(self) -> HashMemo:
-        """A HashMemo (orchestrator.hashing) over the `file_hash` table; call its flush() when done."""
-        return SqlHashMemo(self._read, self._write)
+        """A HashMemo (orchestrator.hashing) over the `file_hash` table; call its flush() when done (on a
+        read-only Store flush() writes nothing: what was hashed is remembered by the next `pipe run`)."""
+        return SqlHashMemo(self._read, None if self._read_only else self._write)
 
     # --- asking ------------------------------------------------------------------------------------------------
 
     def latest_run(self, pipeline: str) -> RunInfo | None:
         with self._read() as session:
             row = session.scalars(_newest(pipeline).options(*_WITH_STAGES).limit(1)).first()
-            return _run_info(row, with_stages=True) if row else None
+            return _run_infos(session, [row], with_stages=True)[0] if row else None
 
     def get_run(self, ref: str, pipeline: str) -> RunInfo:
         """The run of `pipeline` named by its id, a unique prefix of it, or "latest"; NotFound otherwise."""
@@ -180,26 +239,33 @@ class Store:
                 raise NotFound(f"run {ref} matches {many} runs of pipeline {pipeline}; give more of the id")
             run_id = ref if ref in ids else ids[0]
             row = session.scalars(select(RunRow).where(RunRow.id == run_id).options(*_WITH_STAGES)).one()
-            return _run_info(row, with_stages=True)
+            return _run_infos(session, [row], with_stages=True)[0]
 
     def list_runs(self, pipeline: str, status: RunStatus | None = None, trigger: Trigger | None = None,
                   limit: int = 20, with_stages: bool = False) -> list[RunInfo]:
-        """Runs of `pipeline`, newest first; their stages only when `with_stages` (otherwise `stages` is ())."""
-        query = _newest(pipeline).limit(limit)
-        if status is not None:
-            query = query.where(RunRow.status == status)
+        """Runs of `pipeline`, newest first; their stages only when `with_stages` (otherwise `stages` is ()).
+
+        `status` filters by the status as answered: a running run whose owner is gone counts as interrupted."""
+        query = _newest(pipeline)
         if trigger is not None:
             query = query.where(RunRow.trigger == trigger)
         if with_stages:
             query = query.options(*_WITH_STAGES)
         with self._read() as session:
-            return [_run_info(row, with_stages) for row in session.scalars(query)]
+            if status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
+                rows = session.scalars((query if status is None else query.where(RunRow.status == status))
+                                       .limit(limit)).all()
+                return _run_infos(session, rows, with_stages)
+            # running rows may answer as interrupted: take them all (few) besides `limit` interrupted ones
+            rows = session.scalars(query.where(RunRow.status == RunStatus.RUNNING)).all()
+            if status is RunStatus.INTERRUPTED:
+                rows = [*rows, *session.scalars(query.where(RunRow.status == RunStatus.INTERRUPTED).limit(limit))]
+                rows.sort(key=lambda r: (r.started_at, r.id), reverse=True)
+            return [info for info in _run_infos(session, rows, with_stages) if info.status is status][:limit]
 
     def running_runs(self, pipeline: str) -> list[RunInfo]:
-        """Runs recorded as running; the caller checks their host and pid to find the interrupted ones."""
-        query = _newest(pipeline).where(RunRow.status == RunStatus.RUNNING).options(*_WITH_STAGES)
-        with self._read() as session:
-            return [_run_info(row, with_stages=True) for row in session.scalars(query)]
+        """Runs still running, as far as anyone can tell: those whose owner is provably gone are left out."""
+        return self.list_runs(pipeline, status=RunStatus.RUNNING, limit=1_000_000, with_stages=True)
 
     def last_success(self, pipeline: str, stage: str) -> StageRunInfo | None:
         """The latest record of `stage` that succeeded, or was cached and kept its ingredients: what a cache
@@ -303,11 +369,18 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[Session]:
         """One write transaction, committed on exit (on SQLite it holds the write lock from the start)."""
+        if self._read_only:
+            raise StoreError(f"database {self._name} was opened read-only; only `pipe run` writes history")
         try:
             with Session(self._writer) as session, session.begin():
                 yield session
         except SQLAlchemyError as e:
             raise StoreError(f"database {self._name} cannot be written: {one_line(e)}") from e
+
+    def _stop_heartbeat(self, run_id: str) -> None:
+        heartbeat = self._heartbeats.pop(run_id, None)
+        if heartbeat is not None:
+            heartbeat.stop()
 
     def _run_row(self, session: Session, run_id: str, *options: Any) -> RunRow:
         row = session.get(RunRow, run_id, options=options)
@@ -335,6 +408,53 @@ class Store:
 
 def _newest(pipeline: str) -> Select[RunRow]:
     return select(RunRow).where(RunRow.pipeline == pipeline).order_by(RunRow.started_at.desc(), RunRow.id.desc())
+
+
+def _db_now(session: Session) -> datetime:
+    """The database's clock, which every lease is written and judged by: hosts sharing a database may disagree
+    on the time, the database agrees with itself (SQLite: this host's clock, to the second)."""
+    value = session.execute(select(func.current_timestamp())).scalar_one()
+    if isinstance(value, str):  # SQLite without a typed column: "YYYY-MM-DD HH:MM:SS", UTC
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _verdicts(session: Session, rows: Sequence[RunRow]) -> dict[str, str]:
+    """Run id -> why its owner is gone, for the running rows among `rows` whose owner is provably gone."""
+    running = [row for row in rows if row.status == RunStatus.RUNNING]
+    if not running:
+        return {}
+    now, host = _db_now(session), this_host()
+    verdicts = {row.id: gone(Owner(row.host, row.pid, row.owner_process, row.lease_expires_at),
+                                   now, host) for row in running}
+    return {run_id: why for run_id, why in verdicts.items() if why is not None}
+
+
+def _run_infos(session: Session, rows: Sequence[RunRow], with_stages: bool) -> list[RunInfo]:
+    """The rows as answered: a running one whose owner is gone as interrupted, as mark_interrupted would."""
+    dead = _verdicts(session, rows)
+    infos = []
+    for row in rows:
+        info = _run_info(row, with_stages)
+        if row.id in dead:
+            info = _interrupted(info, row.heartbeat_at or _db_now(session), f"{INTERRUPTED}: {dead[row.id]}")
+        infos.append(info)
+    return infos
+
+
+def _interrupted(info: RunInfo, at: datetime, reason: str) -> RunInfo:
+    stages = tuple(_failed_at(s, at, reason) if s.status is None else s for s in info.stages)
+    return replace(info, status=RunStatus.INTERRUPTED, finished_at=at, stages=stages)
+
+
+def _failed_at(stage: StageRunInfo, at: datetime, reason: str) -> StageRunInfo:
+    end = max(at, stage.started_at) if stage.started_at else at  # it may have started after the last heartbeat
+    return replace(stage, status=StageStatus.FAILED, reason=reason, finished_at=end,
+                   duration_s=_seconds(stage.started_at, end))
+
+
+def _seconds(start: datetime | None, end: datetime) -> float | None:
+    return (end - start).total_seconds() if start else None
 
 
 def _run_info(row: RunRow, with_stages: bool) -> RunInfo:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -12,10 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from orchestrator.hashing import hash_file
 from tests.conftest import BUSYBOX, wait_for
 from tests.e2e.helpers import containers_created, pipe, pipe_json, start_pipe
 from tests.e2e.test_run import HANDOFF
+from tests.unit.test_store import POSTGRES_URL, _reset_postgres
 
 # A stage that says "waiting" and blocks until the test creates gate/go: "running" without any timing.
 GATED = "echo waiting; while [ ! -f gate/go ]; do sleep 0.1; done; echo released; echo done > /outputs/done.txt"
@@ -283,3 +288,92 @@ def test_peak_memory_and_cpu_seconds_are_recorded(docker: Any, make_pipeline: Ca
     assert stage["status"] == "succeeded"
     assert stage["peak_memory_bytes"] is not None and stage["peak_memory_bytes"] > 0, stage
     assert stage["cpu_seconds"] is not None and stage["cpu_seconds"] > 0, stage
+
+
+def _shared_db(backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared' / 'pipe.db'}"
+    if not POSTGRES_URL:
+        pytest.skip("PIPE_TEST_POSTGRES_URL is not set")
+    _reset_postgres(POSTGRES_URL)
+    return POSTGRES_URL
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_checkout_leaves_the_live_run_of_another_checkout_on_a_shared_database_alone(
+    docker: Any, tmp_path: Path, backend: str
+) -> None:
+    """Issue 14: `pipe status` in checkout A marked checkout B's live run (same `name:`, shared --db) as
+    interrupted, because A's own lock was free. The run's lease decides now; a killed run still reads as
+    interrupted at once (its process on this host has ended)."""
+    db = _shared_db(backend, tmp_path)
+    checkouts = {}
+    for name in ("a", "b"):
+        root = tmp_path / name
+        (root / "gate").mkdir(parents=True)
+        (root / "gate" / "README").write_text("create go here\n")
+        (root / "pipeline.yaml").write_text(json.dumps({"name": "shared", "stages": {
+            "work": {"image": BUSYBOX, "command": GATED, "inputs": ["gate"]}}}))
+        checkouts[name] = root / "pipeline.yaml"
+    a, b = checkouts["a"], checkouts["b"]
+
+    run_b = Lines(start_pipe("run", b, "--db", db))
+    try:
+        run_b.wait_for("work | waiting")
+        report = pipe_json("status", a, "--db", db)
+        assert report["run"]["status"] == "running", report["run"]
+        assert report["stages"]["work"]["status"] == "running"
+        [listed] = pipe_json("runs", a, "--db", db)
+        assert listed["status"] == "running"
+        (a.parent / "gate" / "go").write_text("")
+        done = pipe("run", a, "--db", db)  # a writer: marks dead runs when it starts, and B's is not dead
+        assert done.returncode == 0, done.stdout + done.stderr
+        statuses = {r["pipeline_path"]: r["status"] for r in pipe_json("runs", a, "--db", db)}
+        assert statuses == {str(a): "succeeded", str(b): "running"}
+    finally:
+        (b.parent / "gate" / "go").write_text("")
+    assert run_b.proc.wait(timeout=120) == 0, run_b.lines
+    assert [r["status"] for r in pipe_json("runs", a, "--db", db)] == ["succeeded", "succeeded"]
+
+    (b.parent / "gate" / "go").unlink()
+    killed = Lines(start_pipe("run", b, "--db", db, "--force"))
+    killed.wait_for("work | waiting")
+    killed.proc.kill()
+    killed.proc.wait(timeout=30)
+    report = pipe_json("status", a, "--db", db)
+    assert report["run"]["status"] == "interrupted", report["run"]
+    assert report["stages"]["work"]["reason"] == (
+        f"interrupted: its process {killed.proc.pid} on {socket.gethostname()} has ended")
+    (b.parent / "gate" / "go").write_text("")
+    done = pipe("run", b, "--db", db)  # sweeps the killed run's container: its lease is dead
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [r["status"] for r in pipe_json("runs", a, "--db", db)][:2] == ["succeeded", "interrupted"]
+
+
+def test_read_commands_create_migrate_and_write_nothing(docker: Any, make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline(HANDOFF, files={"raw.txt": "first\n"})
+    state = path.parent / "runs"
+    for command in (("status",), ("runs",), ("metrics",), ("cache", "ls")):
+        done = pipe(*command, path)
+        assert done.returncode == 0, (command, done.stderr)
+        assert not state.exists(), f"`pipe {' '.join(command)}` created {state}"
+    assert pipe("show", "latest", path).returncode == 2
+
+    run_json(path)
+    db = state / "pipe.db"
+
+    def stored() -> list[Any]:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT path, digest FROM file_hash ORDER BY path").fetchall()
+
+    memo = stored()
+    assert memo, "a run remembers its input hashes"
+    (path.parent / "raw.txt").write_text("second\n")
+    report = pipe_json("status", path)
+    assert report["next_run"]["data"]["runs"] is True
+    assert stored() == memo, "status hashed the changed input but wrote nothing"
+    with sqlite3.connect(db) as conn:  # an older schema is not upgraded by a read, but named in one line
+        conn.execute("UPDATE schema_version SET version = 2")
+    done = pipe("status", path)
+    assert done.returncode == 4
+    assert done.stderr.strip() == f"error: history {db} is schema v2; run `pipe run` once to upgrade it to v4"

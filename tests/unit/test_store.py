@@ -3,6 +3,7 @@ PIPE_TEST_POSTGRES_URL names a server whose database the tests may empty (its `p
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -21,9 +22,11 @@ from sqlalchemy import create_engine, inspect, text
 
 from orchestrator.errors import NotFound, StoreError
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
+from orchestrator.store.lease import Heartbeat, Owner, gone, process_identity, this_host
 from orchestrator.store.migrations import SCHEMA_VERSION
 from orchestrator.store.models import Base
 from orchestrator.store.store import Store
+from tests.conftest import wait_for
 
 FIXTURE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "db" / "pipe-v1.db"
 POSTGRES_URL = os.environ.get("PIPE_TEST_POSTGRES_URL")
@@ -487,28 +490,235 @@ def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) ->
 
 
 def _begin_and_hang(url: str, ready: Any) -> None:
+    """A `pipe run` elsewhere on this machine (another checkout, another state dir): it begins a run on the shared
+    database, renews its lease, and hangs until killed."""
     with Store(url) as store:
-        run_id = begin(store)
+        run_id = begin_here(store)
+        store.lease(run_id, interval_s=0.2)
         store.mark_stage_running(run_id, "train", 1, datetime.now(UTC))
         ready.put(run_id)
         while True:
             time.sleep(1)  # until SIGKILL
 
 
-def test_run_of_a_killed_process_is_found_running_and_marked_interrupted(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "pipe.db")
+def begin_here(store: Store, pipeline: str = "iris") -> str:
+    """A run owned by this process on this host, as api.run_pipeline begins one."""
+    return store.begin_run(pipeline, f"/srv/{pipeline}/pipeline.yaml", "f00d", "manual", None, this_host(),
+                           os.getpid(), {})
+
+
+def raw_run(url: str, run_id: str) -> dict[str, Any]:
+    """The run's row as stored, not as the store answers it."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT status, heartbeat_at, lease_expires_at, owner_process FROM run "
+                                "WHERE id = :id"), {"id": run_id}).mappings().one()
+    engine.dispose()
+    return dict(row)
+
+
+def test_a_live_run_of_another_process_on_the_shared_database_stays_running_until_it_dies(url: str) -> None:
+    """Issue 14: `pipe status` in one checkout marked another checkout's live run (same pipeline name, shared
+    --db) interrupted, because its own flock was free. Now the run's lease decides, and a reader never writes."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Queue()
     process = ctx.Process(target=_begin_and_hang, args=(url, ready))
     process.start()
-    run_id = ready.get(timeout=60)
-    os.kill(process.pid or 0, signal.SIGKILL)
-    process.join(30)
+    try:
+        run_id = ready.get(timeout=60)
+        with Store(url, read_only=True) as reader:
+            [running] = reader.running_runs("iris")
+            assert running.id == run_id and running.status is RunStatus.RUNNING
+        with Store(url) as writer:  # what `pipe run` in the other checkout does when it starts
+            assert writer.mark_dead_runs("iris") == []
+            assert writer.get_run(run_id, "iris").status is RunStatus.RUNNING
+    finally:
+        os.kill(process.pid or 0, signal.SIGKILL)
+        process.join(30)
     assert process.exitcode == -signal.SIGKILL
 
+    with Store(url, read_only=True) as reader:  # same host, its pid has ended: provably gone, shown at once
+        run = reader.get_run(run_id, "iris")
+        assert run.status is RunStatus.INTERRUPTED and reader.running_runs("iris") == []
+        assert [r.id for r in reader.list_runs("iris", status=RunStatus.INTERRUPTED)] == [run_id]
+        assert reader.list_runs("iris", status=RunStatus.RUNNING) == []
+        train = run.stage("train")
+        assert train is not None and train.status is StageStatus.FAILED
+        assert train.reason == f"interrupted: its process {process.pid} on {this_host()} has ended"
+    assert raw_run(url, run_id)["status"] == "running", "a read marks nothing"
+    with Store(url) as writer:
+        assert writer.mark_dead_runs("iris") == [run_id]
+        marked = writer.get_run(run_id, "iris")
+    assert raw_run(url, run_id)["status"] == "interrupted"
+    assert marked.stage("train") == train and marked.finished_at == run.finished_at  # as it was shown
+
+
+def test_a_run_on_another_host_is_dead_only_when_its_lease_expires(url: str) -> None:
+    with Store(url, lease_s=2) as other_host:
+        run_id = begin(other_host)  # host-1, pid 4242: nothing here can tell whether it lives
+        with Store(url, read_only=True) as reader:
+            assert reader.get_run(run_id, "iris").status is RunStatus.RUNNING
+            assert reader.run_alive(run_id) is True
+            expires = raw_run(url, run_id)["lease_expires_at"]
+            run = wait_for(lambda: (r := reader.get_run(run_id, "iris")).status is RunStatus.INTERRUPTED and r,
+                           timeout=30, what="the lease to expire")
+            assert reader.run_alive(run_id) is False and reader.run_alive("20200101-000000-0000") is None
+        assert run.finished_at is not None and run.finished_at < datetime.now(UTC)
+        assert expires is not None
+        assert other_host.mark_dead_runs("iris") == [run_id]
+
+
+def test_the_heartbeat_keeps_a_lease_alive_and_never_writes_after_the_run_ended(url: str) -> None:
+    with Store(url, lease_s=3) as store:
+        run_id = begin(store)  # another host's run: only the lease keeps it alive
+        first = raw_run(url, run_id)
+        heartbeat = store.lease(run_id, interval_s=0.1)
+        assert store.lease(run_id) is heartbeat  # one per run
+        with Store(url, read_only=True) as reader:
+            wait_for(lambda: raw_run(url, run_id)["heartbeat_at"] > first["lease_expires_at"], timeout=30,
+                     what="a renewal after the first lease would have expired")
+            assert reader.get_run(run_id, "iris").status is RunStatus.RUNNING
+            assert reader.run_alive(run_id) is True
+        store.finish_run(run_id, RunStatus.SUCCEEDED, 0)
+        assert not heartbeat.running
+        ended = raw_run(url, run_id)
+        assert store.renew_lease(run_id) is False, "a finished run's lease is never renewed"
+        assert raw_run(url, run_id) == ended
+        assert store.get_run(run_id, "iris").status is RunStatus.SUCCEEDED
+
+
+def test_closing_the_store_stops_the_heartbeat(url: str) -> None:
+    store = Store(url)
+    run_id = begin_here(store)
+    with store.lease(run_id, interval_s=0.05) as heartbeat:
+        assert heartbeat.running
+    assert not heartbeat.running
+    again = store.lease(run_id, interval_s=0.05)
+    store.close()
+    assert not again.running
+
+
+def test_a_heartbeat_that_fails_logs_and_retries_without_reaching_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    def renew() -> bool:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise StoreError("database pipe.db cannot be written: database is locked")
+        return True
+
+    with caplog.at_level(logging.WARNING, logger="orchestrator.store.lease"):
+        with Heartbeat(renew, "r1", interval_s=0.01) as heartbeat:
+            wait_for(lambda: len(calls) >= 4, timeout=30, what="renewals after the failures")
+            assert heartbeat.running
+        assert not heartbeat.running
+        stopped_at = len(calls)
+    assert len(calls) == stopped_at, "no renewal after stop()"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == ("run r1: renewing its lease failed (retrying every 0.01s): "
+                           "database pipe.db cannot be written: database is locked")
+    assert messages[1] == "run r1: its lease is renewed again" and len(messages) == 2
+
+    ended = Heartbeat(lambda: False, "r2", interval_s=0.01).start()  # the run is no longer running: it ends
+    wait_for(lambda: not ended.running, timeout=30, what="the heartbeat to end")
+
+
+def test_an_owner_on_this_host_is_gone_when_its_pid_ends_or_is_reused() -> None:
+    now = datetime.now(UTC)
+    later = now + timedelta(minutes=1)
+    me = process_identity(os.getpid())
+    assert me is not None and me == process_identity(os.getpid())
+    assert gone(Owner(this_host(), os.getpid(), me, later), now) is None
+    reused = me.rpartition("/")[0] + "/1"  # this pid, but a process that started at another time
+    assert gone(Owner(this_host(), os.getpid(), reused, later), now) == (
+        f"its process {os.getpid()} on {this_host()} has ended (the pid now belongs to another process)")
+    ended = subprocess_pid()
+    assert gone(Owner(this_host(), ended, me.rpartition("/")[0] + "/7", later), now) == (
+        f"its process {ended} on {this_host()} has ended")
+    assert gone(Owner(this_host(), ended, None, later), now) == f"its process {ended} on {this_host()} has ended"
+    assert gone(Owner(this_host(), os.getpid(), None, later), now) is None  # a row from before schema v3
+    assert gone(Owner("elsewhere", ended, reused, later), now) is None  # another host: only the lease tells
+    assert gone(Owner("elsewhere", ended, reused, now), later) == (
+        f"its lease expired at {now:%Y-%m-%d %H:%M:%S} UTC")
+    other_machine = "another-boot/pid:[1]/" + me.rpartition("/")[2]
+    assert gone(Owner(this_host(), ended, other_machine, later), now) is None  # rebooted, or another namespace
+
+
+def subprocess_pid() -> int:
+    """The pid of a process that has ended and been reaped."""
+    done = multiprocessing.get_context("spawn").Process(target=int)
+    done.start()
+    done.join(30)
+    assert done.pid is not None and process_identity(done.pid) is None
+    return done.pid
+
+
+def test_read_only_store_creates_nothing_and_reads_absent_history_as_empty(url: str, tmp_path: Path) -> None:
+    absent = tmp_path / "nothing" / "pipe.db"
+    with Store(sqlite_url(absent), read_only=True) as empty:
+        assert empty.latest_run("iris") is None and empty.list_runs("iris") == [] and empty.ticks("iris") == []
+        assert empty.hash_memo().get("/data/a", (1, 2, 3, 4)) is None
+        with pytest.raises(NotFound, match=r"pipeline iris has no runs yet"):
+            empty.get_run("latest", "iris")
+        with pytest.raises(StoreError, match=r"was opened read-only; only `pipe run` writes history"):
+            begin(empty)
+    assert not absent.parent.exists()
+
+    if url.startswith("postgresql"):  # an empty PostgreSQL database: no tables are created by a read
+        with Store(url, read_only=True) as empty:
+            assert empty.list_runs("iris") == []
+        engine = create_engine(url)
+        assert inspect(engine).get_table_names() == []
+        engine.dispose()
     with Store(url) as store:
-        running = store.running_runs("iris")
-        assert [r.id for r in running] == [run_id]
-        assert store.mark_interrupted(run_id)
+        run_id = begin(store)
+    with Store(url, read_only=True) as reader:
+        memo = reader.hash_memo()
+        memo.put("/data/a", (1, 2, 3, 4), "d-a")
+        memo.flush()  # read-only: kept in this process, never written
+        assert memo.get("/data/a", (1, 2, 3, 4)) == "d-a"
+        assert reader.get_run(run_id, "iris").status is RunStatus.RUNNING
+        with pytest.raises(StoreError, match=r"opened read-only"):
+            reader.finish_run(run_id, RunStatus.SUCCEEDED, 0)
+    with Store(url) as store:
+        assert store.hash_memo().get("/data/a", (1, 2, 3, 4)) is None
+
+
+def test_read_only_store_refuses_an_older_schema_in_one_line_and_leaves_it_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.db"
+    shutil.copy(FIXTURE_V1, path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        Store(sqlite_url(path), read_only=True)
+    assert str(caught.value) == f"history {path} is schema v1; run `pipe run` once to upgrade it to v{SCHEMA_VERSION}"
+    assert path.read_bytes() == before and not (tmp_path / "pipe.db-wal").exists()
+
+
+def test_upgrade_to_v3_gives_a_running_run_a_lease_from_the_upgrade(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.db"
+    shutil.copy(FIXTURE_V1, path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE run SET status = 'running', host = 'elsewhere', finished_at = NULL")
+    with Store(sqlite_url(path)) as store:
+        run = store.get_run("latest", "iris")
+        assert run.status is RunStatus.RUNNING  # its pipe may still run elsewhere: not taken for dead at once
+        row = raw_run(sqlite_url(path), run.id)
+        assert row["heartbeat_at"] is not None and row["lease_expires_at"] is not None
+        assert row["owner_process"] is None
+
+
+def test_run_of_a_killed_process_is_found_running_and_marked_interrupted(tmp_path: Path) -> None:
+    """A run from before schema v3 names only its host and pid: a dead pid on this host is gone."""
+    url = sqlite_url(tmp_path / "pipe.db")
+    with Store(url) as store:
+        ended = subprocess_pid()
+        run_id = store.begin_run("iris", "/srv/iris/pipeline.yaml", "f00d", "manual", None, this_host(), ended, {})
+        store.mark_stage_running(run_id, "train", 1, datetime.now(UTC))
+    with sqlite3.connect(tmp_path / "pipe.db") as conn:
+        conn.execute("UPDATE run SET owner_process = NULL, heartbeat_at = NULL, lease_expires_at = NULL")
+    with Store(url) as store:
+        assert store.running_runs("iris") == []
+        assert store.mark_dead_runs("iris") == [run_id]
         train = store.get_run(run_id, "iris").stage("train")
-        assert train is not None and (train.status, train.reason) == (StageStatus.FAILED, "interrupted")
+        assert train is not None and (train.status, train.reason) == (
+            StageStatus.FAILED, f"interrupted: its process {ended} on {this_host()} has ended")
