@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
 from orchestrator.events import Reporter, RunFinished, RunStarted, StagePlanned
+from orchestrator.overrides import apply_overrides, parse_overrides
 from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline
@@ -95,41 +96,6 @@ def open_store(loaded: Loaded) -> Iterator[Store]:
         yield store
     finally:
         store.close()
-
-
-def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
-    """`-p train.n_estimators=300` -> {"train.n_estimators": 300}: JSON values when they parse, else strings."""
-    parsed: dict[str, Any] = {}
-    for item in items:
-        dotted, sep, raw = item.partition("=")
-        if not sep or "." not in dotted.strip("."):
-            raise UsageError(f"bad param override {item!r}: use STAGE.KEY=VALUE, e.g. train.n_estimators=300")
-        try:
-            parsed[dotted] = json.loads(raw)
-        except ValueError:
-            parsed[dotted] = raw
-    return parsed
-
-
-def apply_overrides(pipeline: Pipeline, overrides: dict[str, Any]) -> Pipeline:
-    """The pipeline with params overridden for one run; nested keys by dots (train.model.depth=3)."""
-    if not overrides:
-        return pipeline
-    stages = dict(pipeline.stages)
-    for dotted, value in overrides.items():
-        name, _, key = dotted.partition(".")
-        if name not in stages:
-            raise UsageError(f"param override {dotted}: unknown stage {name!r}")
-        params = json.loads(json.dumps(stages[name].params))  # deep copy
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UsageError(f"param override {dotted}: {part} is not a mapping")
-        node[leaf] = value
-        stages[name] = stages[name].model_copy(update={"params": params})
-    return pipeline.model_copy(update={"stages": stages}).with_source(pipeline.source)
 
 
 def validate(target: Target, check_images: bool = True, docker_url: str | None = None) -> Pipeline:
@@ -345,7 +311,9 @@ def dag(target: Target, fmt: str) -> str:
 
 
 def schema() -> dict[str, Any]:
-    return Pipeline.model_json_schema()
+    from orchestrator.spec import json_schema
+
+    return json_schema()
 
 
 def _predicted_summary(predictions: list[Any]) -> RunSummary:
@@ -445,7 +413,7 @@ def crontab_entry(target: Target) -> Any:
     import shutil
     import sys
 
-    from orchestrator import cron, scheduler
+    from orchestrator import cron, crontab
 
     loaded = load(target)
     pipeline = loaded.pipeline
@@ -460,24 +428,28 @@ def crontab_entry(target: Target) -> Any:
         env["PIPE_DB"] = target.db_url
     return cron.crontab_line(
         pipeline.path.resolve(), pipeline.schedule, executable, env,
-        state_dir=loaded.state.root, system_timezone=scheduler.system_timezone(),
+        state_dir=loaded.state.root, system_timezone=crontab.system_timezone(),
     )
 
 
-def install_schedule(target: Target, apply: bool) -> Any:
-    """The crontab entry; written into the user's crontab only with `apply`."""
-    from orchestrator import scheduler
+def install_schedule(target: Target, apply: bool, force: bool = False) -> Any:
+    """The crontab entry; written into the user's crontab only with `apply`. Cron would read the fields in
+    another time zone than the schedule's (entry.warning; Debian's cron ignores CRON_TZ): UsageError unless
+    `force`, before the crontab is touched."""
+    from orchestrator import crontab
 
     entry = crontab_entry(target)
+    if apply and entry.warning and not force:
+        raise UsageError(f"not installed: {entry.warning}; --force installs it anyway")
     if apply:
-        scheduler.install_crontab(entry, apply=True)
+        crontab.install_crontab(entry, apply=True)
     return entry
 
 
 def uninstall_schedule(target: Target) -> int:
-    from orchestrator import cron, scheduler
+    from orchestrator import cron, crontab
 
-    return scheduler.uninstall_crontab(cron.crontab_marker(load(target).pipeline.path.resolve()))
+    return crontab.uninstall_crontab(cron.crontab_marker(load(target).pipeline.path.resolve()))
 
 
 def run_scheduler(
