@@ -230,7 +230,7 @@ class Stage(_Model):
     @classmethod
     def _params_finite(cls, value: dict[str, Any]) -> dict[str, Any]:
         if (where := non_finite_at(value)) is not None:
-            raise keyed_error(f"params.{where}", "not a finite number: JSON (/pipe/params.json) cannot hold NaN or "
+            raise keyed_error(where, "not a finite number: JSON (/pipe/params.json) cannot hold NaN or "
                               "infinity; quote it to pass a string")
         return value
 

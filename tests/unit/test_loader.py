@@ -1107,3 +1107,48 @@ def test_every_example_pipeline_is_valid_for_the_loader_and_the_schema(example: 
     load_pipeline(path)
     data, _ = read_yaml(path)
     SCHEMA.validate(data)
+
+
+# -- numbers /pipe/params.json can hold, and types the schema agrees on ------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "key"), [(".nan", "noise"), ("-.inf", "noise"), ("[1, .inf]", "noise.1"),
+                                            ("{a: {b: .NaN}}", "noise.a.b")])
+def test_a_param_that_is_not_a_finite_number_is_refused_on_its_line(make_pipeline: MakePipeline, value: str,
+                                                                      key: str) -> None:
+    message = error_of(make_pipeline, f"""
+        stages:
+          data:
+            image: busybox
+            params:
+              seed: 1
+              noise: {value}
+        """)
+    assert message == (f"6: stages.data.params.{key}: not a finite number: JSON (/pipe/params.json) cannot hold "
+                       "NaN or infinity; quote it to pass a string")
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("network: 'yes'", "4: stages.data.network: expected true or false, got the string 'yes'"),
+    ("cache: 1", "4: stages.data.cache: expected true or false, got 1"),
+    ("retries: '2'", "4: stages.data.retries: expected a whole number, got the string '2'"),
+    ("resources: {gpus: true}", "4: stages.data.resources.gpus: expected a whole number, got true"),
+    ("resources: {cpus: '1.5'}", "4: stages.data.resources.cpus: expected a number, got the string '1.5'"),
+    ("gate: {metric: r2, min: .nan}", "4: stages.data.gate.min: expected a finite number, got nan"),
+])
+def test_values_the_loader_used_to_coerce_are_refused_as_the_schema_does(make_pipeline: MakePipeline, line: str,
+                                                                          expected: str) -> None:
+    message = error_of(make_pipeline, f"""
+        stages:
+          data:
+            image: busybox
+            {line}
+            metrics: m.json
+        """)
+    assert message == expected
+
+
+def test_a_whole_float_is_a_whole_number_for_both(make_pipeline: MakePipeline) -> None:
+    path = make_pipeline("stages:\n  data: {image: busybox, retries: 2.0, resources: {cpus: 1}}\n")
+    assert load_pipeline(path).stages["data"].retries == 2
+    assert_schema_agrees(path)
