@@ -7,7 +7,6 @@ them. Run: load → plan → lock → recover → images → hash inputs → exe
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -99,7 +98,8 @@ def open_store(loaded: Loaded) -> Iterator[Store]:
 
 
 def validate(target: Target, check_images: bool = True, docker_url: str | None = None) -> Pipeline:
-    """Load and check a file (and that its images exist or build) without running any stage."""
+    """Load and check a file (and, with the engine, its GPUs and that its images exist or build) without running
+    any stage."""
     loaded = load(target)
     build_plan(loaded.pipeline)
     loader.resolve_secrets(loaded.pipeline, os.environ)
@@ -107,10 +107,44 @@ def validate(target: Target, check_images: bool = True, docker_url: str | None =
         from orchestrator import docker_executor, images
 
         client = docker_executor.connect(docker_url)
+        check_gpus(loaded.pipeline, loaded.pipeline.stages, client)
         images.resolve_images(
             loaded.pipeline, loaded.pipeline.stages, client, loaded.state.ensure().images_memo, lambda s, l: None
         )
     return loaded.pipeline
+
+
+@dataclass(frozen=True)
+class Validation:
+    """`pipe validate --json`: the pipeline when it is valid, else every error found (file order)."""
+
+    pipeline: Pipeline | None
+    errors: list[Any]  # PipeError; SpecError ones carry file, line and key
+
+
+def validate_all(target: Target, check_images: bool = True, docker_url: str | None = None) -> Validation:
+    """validate, reporting every error in the document's shape instead of raising the first."""
+    from orchestrator.errors import PipeError
+
+    try:
+        _, errors = loader.check_pipeline(target.pipeline_path)
+        if errors:
+            return Validation(None, list(errors))
+        return Validation(validate(target, check_images, docker_url), [])
+    except PipeError as e:
+        return Validation(None, [e])
+
+
+def check_gpus(pipeline: Pipeline, stages: Any, client: Any) -> None:
+    """SpecError on the first stage asking for GPUs when the engine cannot give any: before any stage starts,
+    in one line, instead of the engine's raw refusal (exit 4) once the run is under way."""
+    from orchestrator import docker_executor
+
+    wanting = [name for name in stages if pipeline.stages[name].resources.gpus > 0]
+    if wanting and (problem := docker_executor.gpu_problem(client)):
+        name = wanting[0]
+        count = pipeline.stages[name].resources.gpus
+        raise pipeline.error(f"stages.{name}.resources.gpus", f"asks for {count} GPU{'s' * (count != 1)} but {problem}")
 
 
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None) -> RunSummary:
@@ -125,6 +159,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     plan = build_plan(pipeline, request.selection)
     secrets = loader.resolve_secrets(pipeline, os.environ)
     client = docker_executor.connect(request.docker_url)
+    check_gpus(pipeline, plan.order, client)
     state = loaded.state.ensure()
     with state.lock(wait=request.wait) as lock, open_store(loaded) as store:
         docker_executor.sweep_orphans(client, str(state.root), is_alive=lambda run_id: False)
@@ -298,6 +333,11 @@ def metric_history(target: Target, limit: int) -> list[MetricPoint]:
     loaded = load(target)
     with open_store(loaded) as store:
         return store.metric_history(loaded.pipeline.display_name, limit)
+
+
+def dag_plan(target: Target) -> Plan:
+    """The whole stage graph, for `pipe dag --json`."""
+    return build_plan(load(target).pipeline)
 
 
 def dag(target: Target, fmt: str) -> str:

@@ -6,6 +6,7 @@ Layout (default `runs/` beside pipeline.yaml; `--state-dir` or PIPE_STATE_DIR mo
     runs/images.json         build-context hash -> image id (images.py)
     runs/lock                flock held by the running `pipe run`; a crash releases it with the process
     runs/<run-id>/<stage>/   a stage's outputs; runs/<run-id>/<stage>.log its output
+    runs/.gitignore          `*`, written when pipe creates the folder
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ class StateDir:
         return cls(root.resolve())
 
     def ensure(self) -> StateDir:
-        """Create the folder private to the user (0700); history and cache may hold what stages wrote."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Create the folder private to the user (0700); history and cache may hold what stages wrote. A new
+        folder gets a `.gitignore` of `*`, so `git add .` beside pipeline.yaml never takes in runs/."""
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ignore = self.root / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("# made by pipe: the state folder (history, cache, outputs) stays out of git\n*\n")
         return self
 
     @property
