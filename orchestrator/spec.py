@@ -19,8 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    StrictBool,
     Strict,
+    StrictBool,
     field_validator,
     model_validator,
 )
@@ -48,7 +48,7 @@ def _duration(value: Any) -> float:
 def _whole_number(value: Any) -> Any:
     """Ints as they are, and 2.0 as 2 (JSON Schema's "integer" takes it too); never true, false or "2"."""
     if isinstance(value, (bool, str)):
-        raise ValueError(f"expected a whole number, got {describe_value(value)}")
+        raise ValueError(f"expected a whole number, got {describe_value(value)}")  # noqa: TRY004 - pydantic reports only ValueError
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value

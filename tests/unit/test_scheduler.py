@@ -14,9 +14,15 @@ from typing import Any, Literal
 import pytest
 
 from orchestrator.cron import MISSED, crontab_line, crontab_marker
+from orchestrator.crontab import (
+    CrontabError,
+    install_crontab,
+    read_crontab,
+    system_timezone,
+    uninstall_crontab,
+)
 from orchestrator.errors import LockHeld, SpecError, UsageError
 from orchestrator.loader import load_pipeline
-from orchestrator.crontab import CrontabError, install_crontab, read_crontab, system_timezone, uninstall_crontab
 from orchestrator.scheduler import SUCCEEDED, RunOutcome, Scheduler
 from orchestrator.spec import Schedule
 
