@@ -7,7 +7,6 @@ them. Run: load → plan → lock → recover → images → hash inputs → exe
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
 from orchestrator.events import Reporter, RunFinished, RunStarted
+from orchestrator.overrides import apply_overrides, parse_overrides
 from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult
 from orchestrator.spec import Pipeline
@@ -113,54 +113,51 @@ def read_store(loaded: Loaded) -> Iterator[Store]:
         store.close()
 
 
-def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
-    """`-p train.n_estimators=300` -> {"train.n_estimators": 300}: JSON values when they parse, else strings."""
-    parsed: dict[str, Any] = {}
-    for item in items:
-        dotted, sep, raw = item.partition("=")
-        if not sep or "." not in dotted.strip("."):
-            raise UsageError(f"bad param override {item!r}: use STAGE.KEY=VALUE, e.g. train.n_estimators=300")
-        try:
-            parsed[dotted] = json.loads(raw)
-        except ValueError:
-            parsed[dotted] = raw
-    return parsed
-
-
-def apply_overrides(pipeline: Pipeline, overrides: dict[str, Any]) -> Pipeline:
-    """The pipeline with params overridden for one run; nested keys by dots (train.model.depth=3)."""
-    if not overrides:
-        return pipeline
-    stages = dict(pipeline.stages)
-    for dotted, value in overrides.items():
-        name, _, key = dotted.partition(".")
-        if name not in stages:
-            raise UsageError(f"param override {dotted}: unknown stage {name!r}")
-        params = json.loads(json.dumps(stages[name].params))  # deep copy
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UsageError(f"param override {dotted}: {part} is not a mapping")
-        node[leaf] = value
-        stages[name] = stages[name].model_copy(update={"params": params})
-    return pipeline.model_copy(update={"stages": stages}).with_source(pipeline.source)
-
-
 def validate(target: Target, check_images: bool = True, docker_url: str | None = None) -> Pipeline:
-    """Load and check a file (and that its images exist or build) without running any stage."""
+    """Load and check a file (and, with the engine, its GPUs and that its images exist or build) without running
+    any stage."""
     loaded = load(target)
     build_plan(loaded.pipeline)
     loader.resolve_secrets(loaded.pipeline, os.environ)
     if check_images:
-        from orchestrator import docker_executor, images
+        from orchestrator.backend import DockerBackend
 
-        client = docker_executor.connect(docker_url)
-        images.resolve_images(
-            loaded.pipeline, loaded.pipeline.stages, client, loaded.state.ensure().images_memo, lambda s, l: None
-        )
+        backend = DockerBackend(docker_url)
+        check_gpus(loaded.pipeline, loaded.pipeline.stages, backend)
+        backend.resolve_images(loaded.pipeline, loaded.pipeline.stages, loaded.state.ensure().images_memo,
+                               lambda s, l: None, None)
     return loaded.pipeline
+
+
+@dataclass(frozen=True)
+class Validation:
+    """`pipe validate --json`: the pipeline when it is valid, else every error found (file order)."""
+
+    pipeline: Pipeline | None
+    errors: list[Any]  # PipeError; SpecError ones carry file, line and key
+
+
+def validate_all(target: Target, check_images: bool = True, docker_url: str | None = None) -> Validation:
+    """validate, reporting every error in the document's shape instead of raising the first."""
+    from orchestrator.errors import PipeError
+
+    try:
+        _, errors = loader.check_pipeline(target.pipeline_path)
+        if errors:
+            return Validation(None, list(errors))
+        return Validation(validate(target, check_images, docker_url), [])
+    except PipeError as e:
+        return Validation(None, [e])
+
+
+def check_gpus(pipeline: Pipeline, stages: Any, backend: Backend) -> None:
+    """SpecError on the first stage asking for GPUs when the engine cannot give any: before any stage starts,
+    in one line, instead of the engine's raw refusal (exit 4) once the run is under way."""
+    wanting = [name for name in stages if pipeline.stages[name].resources.gpus > 0]
+    if wanting and (problem := backend.gpu_problem()):
+        name = wanting[0]
+        count = pipeline.stages[name].resources.gpus
+        raise pipeline.error(f"stages.{name}.resources.gpus", f"asks for {count} GPU{'s' * (count != 1)} but {problem}")
 
 
 @dataclass(frozen=True)
@@ -255,6 +252,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     cancel = cancel or Cancel()
     prepared = prepare(request)
     backend = backend or DockerBackend(request.docker_url)
+    check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
         backend.sweep(str(state.root), is_alive=store.run_alive)
@@ -440,6 +438,11 @@ def metric_history(target: Target, limit: int) -> list[MetricPoint]:
         return store.metric_history(loaded.pipeline.display_name, limit)
 
 
+def dag_plan(target: Target) -> Plan:
+    """The whole stage graph, for `pipe dag --json`."""
+    return build_plan(load(target).pipeline)
+
+
 def dag(target: Target, fmt: str) -> str:
     from orchestrator import plan as plan_mod
 
@@ -451,7 +454,9 @@ def dag(target: Target, fmt: str) -> str:
 
 
 def schema() -> dict[str, Any]:
-    return Pipeline.model_json_schema()
+    from orchestrator.spec import json_schema
+
+    return json_schema()
 
 
 @dataclass(frozen=True)
@@ -590,7 +595,7 @@ def crontab_entry(target: Target) -> Any:
     import shutil
     import sys
 
-    from orchestrator import cron, scheduler
+    from orchestrator import cron, crontab
 
     loaded = load(target)
     pipeline = loaded.pipeline
@@ -605,24 +610,28 @@ def crontab_entry(target: Target) -> Any:
         env["PIPE_DB"] = target.db_url
     return cron.crontab_line(
         pipeline.path.resolve(), pipeline.schedule, executable, env,
-        state_dir=loaded.state.root, system_timezone=scheduler.system_timezone(),
+        state_dir=loaded.state.root, system_timezone=crontab.system_timezone(),
     )
 
 
-def install_schedule(target: Target, apply: bool) -> Any:
-    """The crontab entry; written into the user's crontab only with `apply`."""
-    from orchestrator import scheduler
+def install_schedule(target: Target, apply: bool, force: bool = False) -> Any:
+    """The crontab entry; written into the user's crontab only with `apply`. Cron would read the fields in
+    another time zone than the schedule's (entry.warning; Debian's cron ignores CRON_TZ): UsageError unless
+    `force`, before the crontab is touched."""
+    from orchestrator import crontab
 
     entry = crontab_entry(target)
+    if apply and entry.warning and not force:
+        raise UsageError(f"not installed: {entry.warning}; --force installs it anyway")
     if apply:
-        scheduler.install_crontab(entry, apply=True)
+        crontab.install_crontab(entry, apply=True)
     return entry
 
 
 def uninstall_schedule(target: Target) -> int:
-    from orchestrator import cron, scheduler
+    from orchestrator import cron, crontab
 
-    return scheduler.uninstall_crontab(cron.crontab_marker(load(target).pipeline.path.resolve()))
+    return crontab.uninstall_crontab(cron.crontab_marker(load(target).pipeline.path.resolve()))
 
 
 def run_scheduler(

@@ -31,6 +31,10 @@ class Backend(Protocol):
         """stage -> immutable image id, building or pulling what the forecast says is missing."""
         ...
 
+    def gpu_problem(self) -> str | None:
+        """Why stages cannot get GPUs here ("the engine has no nvidia runtime ..."), or None when they can."""
+        ...
+
     def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
         """Remove containers a dead run of this state dir left behind (is_alive: the run's lease, None when
         history does not know it); the dead runs' ids."""
@@ -64,3 +68,8 @@ class DockerBackend:
         from orchestrator import docker_executor
 
         return docker_executor.sweep_orphans(self._client, owner, is_alive)
+
+    def gpu_problem(self) -> str | None:
+        from orchestrator import docker_executor
+
+        return docker_executor.gpu_problem(self._client)

@@ -1,22 +1,36 @@
 """A stage's cache key: what enters it, and why it differs from the last successful run's.
 
-The recipe (KEY_VERSION 1):
+The recipe (KEY_VERSION 2):
 
     key = canonical_hash(asdict(Ingredients)): blake3 hex of the JSON object, keys sorted, separators "," ":",
     UTF-8, with the fields
-      version     KEY_VERSION (1)
+      version     KEY_VERSION (2)
       image       the image id the stage runs (sha256:...); a retag to the same content keeps it
       command     the argv, or null for the image's CMD (a string command is ["/bin/sh", "-c", text])
       entrypoint  the argv, or null for the image's ENTRYPOINT
       workdir     the working directory in the container
       env         {NAME: value} of the stage's env; secrets never enter it, so rotating a token re-runs nothing
-      params      the stage's params after command-line overrides, nested as written
+      params      the stage's params after command-line overrides, nested as written, in their canonical
+                  JSON: the value the stage reads in /pipe/params.json, so its types count. An int and a
+                  float are different values even when equal as numbers (`10` and `10.0`, `100` and `1e2`
+                  read as a float), as are true and 1: a stage may well behave differently (range(10.0)
+                  raises), so reusing the other's outputs would be wrong. A miss says so by type:
+                  `param noise 10.0 (float) -> 10 (int)`. NaN and infinities are refused before a key is
+                  made (loader, overrides): JSON cannot hold them.
       inputs      {declared path: digest}: a file's blake3; a folder's canonical_hash of
                   {"files": [[relative path, blake3 or symlink digest, executable, link target or null], ...],
                    "empty_dirs": [...]} sorted by path (hashing.hash_tree); the mtime never enters
       upstream    {stage in needs: digest of its outputs folder, the same tree recipe}, not its key, so an
                   upstream re-run with byte-identical outputs keeps this stage cached (early cut-off)
     Resources, timeouts, retries and secrets do not enter the key. Changing anything above bumps KEY_VERSION.
+
+The key and the explanation of a miss are derived from one canonical form, `canonical_json` (the text
+canonical_hash hashes): two values are the same ingredient exactly when their canonical JSON is the same, never
+by Python's `==` (for which 10 == 10.0 and True == 1). History from an older recipe is explained as
+"cache recipe changed (v1 -> v2)", not field by field.
+
+Versions: 1, params compared by Python equality in explanations, and `-p` values read as JSON; 2, one canonical
+form for key and explanation, `-p` values read as YAML scalars like the file's (overrides.py), NaN refused.
 """
 
 from __future__ import annotations
@@ -26,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from orchestrator.hashing import canonical_hash
+from orchestrator.hashing import canonical_hash, canonical_json
 
-KEY_VERSION = 1
+KEY_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +110,7 @@ def explain_miss(previous: Ingredients | None, current: Ingredients) -> list[str
         "param",
         _flatten(previous.params),
         _flatten(current.params),
-        lambda k, a, b: f"param {k} {_show(a)} -> {_show(b)}",
+        lambda k, a, b: f"param {k} {_show(a, b)} -> {_show(b, a)}",
     )
     reasons += _diff(
         "input",
@@ -119,7 +133,7 @@ def _diff(
             reasons.append(f"{kind} {name} added")
         elif name not in new:
             reasons.append(f"{kind} {name} removed")
-        elif old[name] != new[name]:
+        elif canonical_json(old[name]) != canonical_json(new[name]):
             reasons.append(changed(name, old[name], new[name]))
     return reasons
 
@@ -134,9 +148,30 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _show(value: object) -> str:
+def _show(value: object, other: object) -> str:
+    """The value as JSON, with its type when the other side is a scalar of another type (10.0 (float) -> 10 (int))."""
     text = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    return text if len(text) <= 40 else text[:37] + "..."
+    text = text if len(text) <= 40 else text[:37] + "..."
+    if _kind(value) != _kind(other) and _kind(value) in _SCALARS and _kind(other) in _SCALARS:
+        text += f" ({_kind(value)})"
+    return text
+
+
+_SCALARS = frozenset({"int", "float", "bool", "string", "null"})
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    return "list" if isinstance(value, (list, tuple)) else "mapping"
 
 
 def _short_id(image_id: str) -> str:

@@ -133,15 +133,33 @@ def gate_accept(
         typer.echo(f"{a.stage}: gate baseline is now run {a.run_id} ({a.metric} = {a.value:g})")
 
 
+@app.callback(invoke_without_command=True)
+def _version(
+    version: Annotated[bool, typer.Option("--version", help="Print pipe's version and exit.", is_eager=True)] = False,
+) -> None:
+    if version:
+        from orchestrator import __version__
+
+        typer.echo(f"pipe {__version__}")
+        raise typer.Exit(0)
+
+
 @app.command()
 def validate(
     pipeline: PipelineArg = DEFAULT_FILE,
-    no_images: Annotated[bool, typer.Option("--no-images", help="Skip checking that images exist.")] = False,
+    no_images: Annotated[bool, typer.Option("--no-images", help="Skip the engine: images and GPUs.")] = False,
     state_dir: StateDirOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Check the pipeline file (and that its images exist or build) without running anything."""
-    spec = api.validate(_target(pipeline, state_dir, None), check_images=not no_images)
-    typer.echo(f"{pipeline}: ok ({len(spec.stages)} stages)")
+    target = _target(pipeline, state_dir, None)
+    if not json_out:
+        spec = api.validate(target, check_images=not no_images)
+        typer.echo(f"{pipeline}: ok ({console.plural(len(spec.stages), 'stage')})")
+        return
+    report = api.validate_all(target, check_images=not no_images)
+    console.print_json(console.validation_json(report))
+    raise typer.Exit(max((int(e.exit_code) for e in report.errors), default=0))
 
 
 @app.command()
@@ -225,9 +243,13 @@ def logs(
 
 @app.command()
 def dag(pipeline: PipelineArg = DEFAULT_FILE,
-        fmt: Annotated[str, typer.Option("--format", help="text, mermaid or dot.")] = "text") -> None:
-    """Draw the stage graph."""
-    typer.echo(api.dag(_target(pipeline, None, None), fmt))
+        fmt: Annotated[str, typer.Option("--format", help="text, mermaid or dot.")] = "text",
+        json_out: JsonOpt = False) -> None:
+    """Draw the stage graph (--json: its nodes and edges)."""
+    if json_out:
+        console.print_json(console.dag_json(api.dag_plan(_target(pipeline, None, None))))
+    else:
+        typer.echo(api.dag(_target(pipeline, None, None), fmt))
 
 
 @app.command()
@@ -288,6 +310,8 @@ def schedule(
     = None,
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="How many fire times to list.")] = 5,
     apply: Annotated[bool, typer.Option("--apply", help="install: write the user's crontab (else print).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="install --apply: even when cron's time zone is not the "
+                                                        "schedule's.")] = False,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
     json_out: JsonOpt = False,
@@ -301,12 +325,12 @@ def schedule(
         raise UsageError(f"pipe schedule takes one pipeline file, got {len(rest)}")
     target = _target(Path(rest[0] if rest else DEFAULT_FILE).resolve(), state_dir, db)
     if action == "install":
-        entry = api.install_schedule(target, apply=apply)
+        entry = api.install_schedule(target, apply=apply, force=force)
         if entry.warning:
             console.warn(entry.warning)
         typer.echo(f"installed into the crontab: {entry.marker}" if apply else entry.text, nl=apply)
     elif action == "uninstall":
-        typer.echo(f"removed {api.uninstall_schedule(target)} crontab line(s)")
+        typer.echo(f"removed {console.plural(api.uninstall_schedule(target), 'crontab line')}")
     else:
         report = api.schedule_report(target, count)
         if json_out:

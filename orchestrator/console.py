@@ -54,6 +54,35 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """ "1 stage", "2 stages", "0 stages"; `nouns` for an irregular plural ("1 entry", "3 entries")."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def validation_json(report: Any) -> dict[str, Any]:
+    """`pipe validate --json` (api.Validation): {ok, pipeline, stages, ...} or {ok: false, errors: [...]}."""
+    if report.pipeline is not None:
+        pipeline = report.pipeline
+        return {"ok": True, "file": str(pipeline.path), "pipeline": pipeline.display_name,
+                "stages": len(pipeline.stages), "stage_names": list(pipeline.stages),
+                "schedule": pipeline.schedule is not None, "errors": []}
+    errors = []
+    for error in report.errors:
+        line = getattr(error, "line", None)
+        errors.append({"file": str(error.file) if hasattr(error, "file") else None, "line": line,
+                       "key": getattr(error, "key", None), "message": getattr(error, "problem", str(error)),
+                       "exit_code": int(error.exit_code)})
+    return {"ok": False, "errors": errors}
+
+
+def dag_json(plan: Any) -> dict[str, Any]:
+    """`pipe dag --json`: nodes in run (topological) order with their needs, and edges upstream -> downstream."""
+    edges = sorted(plan.graph.edges())
+    return {"nodes": [{"name": name, "needs": sorted(up for up, down in edges if down == name)}
+                      for name in plan.order],
+            "edges": [{"from": up, "to": down} for up, down in edges]}
+
+
 def make_reporter(stream: TextIO | None = None, live: bool | None = None) -> PlainReporter | LiveReporter:
     """A live view on a terminal; plain timestamped lines (no control codes) under cron and CI."""
     stream = stream or sys.stdout

@@ -66,13 +66,14 @@ def next_fire_times(schedule: Schedule, after: datetime, count: int) -> list[dat
     return list(islice(_ticks_after(schedule, _utc(after)), count))
 
 
-TickAction = Literal["fire", "skip", "coalesce"]
+# What to do about a due tick; the store records what became of it (store.records.TickAction: fired, ...).
+TickDecision = Literal["fire", "skip", "coalesce"]
 
 
 @dataclass(frozen=True)
 class Tick:
     due_at: datetime
-    action: TickAction
+    decision: TickDecision
     reason: str | None = None  # None when it fires
 
 
@@ -84,7 +85,7 @@ class TickPlan:
 
     @property
     def fire(self) -> Tick | None:
-        return next((t for t in self.ticks if t.action == "fire"), None)
+        return next((t for t in self.ticks if t.decision == "fire"), None)
 
 
 def due_ticks(schedule: Schedule, last_tick: datetime | None, now: datetime) -> TickPlan:

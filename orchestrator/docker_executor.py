@@ -485,3 +485,17 @@ def _result(
         cpu_seconds=cpu_seconds,
         disk_full=disk_full,
     )
+
+
+def gpu_problem(client: docker.DockerClient) -> str | None:
+    """Why this engine cannot give a container GPUs (`resources.gpus`), or None when it can: device requests
+    for GPUs need the nvidia runtime (nvidia-container-toolkit) or CDI specs. EngineError if it does not answer."""
+    try:
+        info = client.info()
+    except ENGINE_FAULTS as e:
+        raise EngineError(f"docker engine did not answer `docker info`: {short_reason(e)}") from e
+    runtimes = sorted(info.get("Runtimes") or {})
+    if "nvidia" in runtimes or info.get("CDISpecDirs"):
+        return None
+    return (f"the engine has no GPU runtime (runtimes: {', '.join(runtimes) or 'none'}): install the "
+            "nvidia-container-toolkit and restart the engine, or set gpus: 0")

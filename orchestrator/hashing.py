@@ -75,10 +75,17 @@ class TreeDigest:
         return sum(entry.size for entry in self.files)
 
 
+def canonical_json(value: object) -> str:
+    """The value as JSON with sorted keys and compact separators; tuples as lists, 10 and 10.0 as written.
+
+    ValueError for NaN or an infinity, which JSON cannot hold.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_hash(value: object) -> str:
-    """blake3 hex of the value as JSON with sorted keys and compact separators; tuples hash as lists."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hash_bytes(text.encode("utf-8", "surrogatepass"))  # undecodable file names survive
+    """blake3 hex of canonical_json(value)."""
+    return hash_bytes(canonical_json(value).encode("utf-8", "surrogatepass"))  # undecodable file names survive
 
 
 def hash_bytes(data: bytes) -> str:

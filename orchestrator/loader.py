@@ -27,6 +27,7 @@ from orchestrator.spec import (
     Pipeline,
     Source,
     describe_value,
+    listing,
 )
 from orchestrator.units import format_bytes
 from orchestrator.yamlfile import read_yaml
@@ -56,7 +57,18 @@ _BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", 
 
 
 def load_pipeline(path: Path) -> Pipeline:
-    """The validated pipeline of `path`; SpecError naming file, line and key on anything wrong."""
+    """The validated pipeline of `path`; SpecError naming file, line and key on anything wrong (the first in
+    the file when the document has several)."""
+    pipeline, errors = check_pipeline(path)
+    if errors:
+        raise errors[0]
+    assert pipeline is not None
+    return pipeline
+
+
+def check_pipeline(path: Path) -> tuple[Pipeline | None, list[SpecError]]:
+    """The pipeline, or every error in the document's shape in file order (`pipe validate --json`): one
+    SpecError a key, from pydantic; the checks after it (disk, machine, schedule, graph) stop at the first."""
     data, lines = read_yaml(path)
     if data is None:
         raise SpecError(path, 1, "(file)", "the file is empty: write a mapping with 'stages'")
@@ -66,8 +78,18 @@ def load_pipeline(path: Path) -> Pipeline:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as e:
         source = Source(path, lines)
-        raise min((_reword(source, err) for err in e.errors(include_url=False)), key=lambda x: x[0])[1] from e
-    pipeline = pipeline.with_source(Source(path, lines))
+        errors: dict[str, tuple[tuple[bool, int], SpecError]] = {}
+        for order, error in (_reword(source, err) for err in e.errors(include_url=False)):
+            errors.setdefault(error.key, (order, error))
+        return None, [error for _, error in sorted(errors.values(), key=lambda x: x[0])]
+    try:
+        return _check_loaded(pipeline.with_source(Source(path, lines))), []
+    except SpecError as e:
+        return None, [e]
+
+
+def _check_loaded(pipeline: Pipeline) -> Pipeline:
+    _check_needs(pipeline)
     _check_paths(pipeline)
     _check_machine(pipeline)
     schedule = pipeline.schedule
@@ -75,6 +97,16 @@ def load_pipeline(path: Path) -> Pipeline:
         raise pipeline.error(f"schedule.{problem[0]}", problem[1])
     check_acyclic(pipeline)
     return pipeline
+
+
+def _check_needs(pipeline: Pipeline) -> None:
+    for name, stage in pipeline.stages.items():
+        for i, up in enumerate(stage.needs):
+            if up not in pipeline.stages:
+                close = difflib.get_close_matches(up, pipeline.stages, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"stages: {listing(pipeline.stages)}"
+                key = f"stages.{name}.needs"
+                raise pipeline.error(key, f"unknown stage {up!r} ({hint})", at=f"{key}.{i}")
 
 
 def resolve_secrets(pipeline: Pipeline, environ: Mapping[str, str]) -> dict[str, str]:
@@ -141,6 +173,8 @@ def _problem(err: ErrorDetails, loc: tuple[str, ...]) -> str:
         bound = ctx[name]
         shown = f"{bound:g}" if isinstance(bound, (int, float)) else str(bound)
         return f"must be {words} {shown}, got {describe_value(value)}"
+    if kind == "finite_number":
+        return f"expected a finite number, got {describe_value(value)}"
     if kind == "too_short":
         return "needs at least one stage" if loc == ("stages",) else "must not be empty"
     message = err["msg"]

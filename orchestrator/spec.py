@@ -6,7 +6,7 @@ key -> line map (Source) that later checks use to raise SpecError with a line.
 
 from __future__ import annotations
 
-import difflib
+import math
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    Strict,
+    StrictBool,
     field_validator,
     model_validator,
 )
@@ -31,11 +33,44 @@ NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PIPELINE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MIN_MEMORY = 6 * 1024**2  # the engine refuses a smaller memory cap
+# What the JSON Schema says of strings the loader parses (units.py): a first filter for editors, no more.
+MEMORY_PATTERN = r"^\s*\d+(\.\d+)?\s*([kmgtKMGT]([iI]?[bB])?|[bB])?\s*$"
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?\s*([mM][sS]|[sSmMhHdD])\s*)+)$"
+RELATIVE_PATH_PATTERN = r"^(?!\s*$)(?!/)(?!\.\.(/|$))"  # not blank, not absolute, not leaving by a leading ..
+SCHEMA_ID = "https://github.com/pipe-orchestrator/pipe/schema/pipeline.json"
 StageName = Annotated[str, Field(pattern=NAME_PATTERN)]
-Seconds = Annotated[float, BeforeValidator(units.parse_duration, json_schema_input_type=float | str)]
-Bytes = Annotated[int, BeforeValidator(units.parse_memory, json_schema_input_type=int | str)]
+
+
+def _duration(value: Any) -> float:
+    return units.parse_duration(value)
+
+
+def _whole_number(value: Any) -> Any:
+    """Ints as they are, and 2.0 as 2 (JSON Schema's "integer" takes it too); never true, false or "2"."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"expected a whole number, got {describe_value(value)}")  # noqa: TRY004 - pydantic reports only ValueError
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The types are strict where pydantic would coerce (network: "yes", retries: "2", cpus: "1.5", gpus: true), so
+# the loader and the JSON Schema that `pipe schema` prints give every document the same verdict.
+Seconds = Annotated[
+    float,
+    BeforeValidator(_duration, json_schema_input_type=Annotated[float, Field(gt=0)]
+                    | Annotated[str, Field(pattern=DURATION_PATTERN)]),
+]
+Bytes = Annotated[
+    int,
+    BeforeValidator(units.parse_memory, json_schema_input_type=Annotated[int, Field(gt=0)]
+                    | Annotated[str, Field(pattern=MEMORY_PATTERN)]),
+]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
 RetryOn = Literal["error", "oom", "timeout"]
+RelativePath = Annotated[str, Field(json_schema_extra={"pattern": RELATIVE_PATH_PATTERN})]  # checked by _relative_path
 
 
 def describe_value(value: object) -> str:
@@ -51,6 +86,17 @@ def describe_value(value: object) -> str:
     if value is None:
         return "nothing (null)"
     return repr(value)
+
+
+def non_finite_at(value: object, at: str = "") -> str | None:
+    """The dotted place of the first NaN or infinity in a params value ("" for the value itself), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at
+    children: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        if (found := non_finite_at(child, f"{at}.{key}" if at else str(key))) is not None:
+            return found
+    return None
 
 
 def keyed_error(key: str, problem: str, at: str = "") -> PydanticCustomError:
@@ -97,7 +143,11 @@ def _relative_path(value: str, what: str) -> str:
     return normal
 
 
-Command = Annotated[tuple[str, ...] | str, BeforeValidator(_command)]
+Command = Annotated[
+    tuple[str, ...] | str,
+    BeforeValidator(_command, json_schema_input_type=Annotated[list[str], Field(min_length=1)]
+                    | Annotated[str, Field(pattern=r"\S")]),
+]
 
 
 class _Model(BaseModel):
@@ -107,7 +157,7 @@ class _Model(BaseModel):
 class Build(_Model):
     """A Docker build context, relative to pipeline.yaml. `build: stages/data` is short for {context: ...}."""
 
-    context: str
+    context: RelativePath
     dockerfile: str = "Dockerfile"  # relative to the context, as `docker build -f` reads it
     args: dict[str, str] = {}
 
@@ -125,10 +175,10 @@ class Build(_Model):
 class Resources(_Model):
     """Caps for one container. None means the pipeline's `defaults:` (and then no cap)."""
 
-    cpus: Annotated[float, Field(gt=0)] | None = None
+    cpus: Annotated[Number, Field(gt=0)] | None = None
     memory: Bytes | None = None
-    gpus: Annotated[int, Field(ge=0)] = 0
-    pids: Annotated[int, Field(gt=0)] | None = None
+    gpus: Annotated[WholeNumber, Field(ge=0)] = 0
+    pids: Annotated[WholeNumber, Field(gt=0)] | None = None
 
     @field_validator("memory")
     @classmethod
@@ -142,31 +192,47 @@ class Gate(_Model):
     """A quality gate on one metric of the stage's metrics file, checked against history."""
 
     metric: str
-    min: float | None = None
-    max: float | None = None
-    max_drop: Annotated[float, Field(ge=0)] | None = None
+    min: Number | None = None
+    max: Number | None = None
+    max_drop: Annotated[Number, Field(ge=0)] | None = None
 
 
 class Stage(_Model):
+    model_config = ConfigDict(json_schema_extra={
+        # _one_image_source, for editors: exactly one of image and build, and gate only with metrics
+        "oneOf": [{"required": ["image"], "properties": {"image": {"type": "string"}}},
+                  {"required": ["build"], "properties": {"build": {"not": {"type": "null"}}}}],
+        "if": {"required": ["gate"], "properties": {"gate": {"type": "object"}}},
+        "then": {"required": ["metrics"], "properties": {"metrics": {"type": "string"}}},
+    })
+
     image: Annotated[str, Field(min_length=1)] | None = None
-    build: Annotated[Build | None, BeforeValidator(_build, json_schema_input_type=str | Build | None)] = None
+    build: Annotated[Build | None, BeforeValidator(_build, json_schema_input_type=RelativePath | Build | None)] = None
     command: Command | None = None  # None: the image's own CMD; a string runs under /bin/sh -c
     entrypoint: tuple[str, ...] | None = None
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[RelativePath, ...] = ()
     needs: tuple[StageName, ...] = ()
     params: dict[str, Any] = {}
-    env: dict[EnvName, str] = {}
+    env: dict[EnvName, str] = Field({}, json_schema_extra={"additionalProperties": False})
     secrets: tuple[EnvName, ...] = ()
     resources: Resources = Resources()
     timeout: Seconds | None = None
-    retries: Annotated[int, Field(ge=0, le=100)] = 0
+    retries: Annotated[WholeNumber, Field(ge=0, le=100)] = 0
     retry_delay: Seconds = 1.0
     retry_on: tuple[RetryOn, ...] = ("error",)
-    cache: bool = True
-    metrics: str | None = None  # a JSON file inside /outputs
+    cache: StrictBool = True
+    metrics: RelativePath | None = None  # a JSON file inside /outputs
     gate: Gate | None = None
     user: str | None = None  # default: the invoking user's uid:gid; "root" only when asked
-    network: bool = False
+    network: StrictBool = False
+
+    @field_validator("params")
+    @classmethod
+    def _params_finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if (where := non_finite_at(value)) is not None:
+            raise keyed_error(where, "not a finite number: JSON (/pipe/params.json) cannot hold NaN or "
+                              "infinity; quote it to pass a string")
+        return value
 
     @field_validator("inputs")
     @classmethod
@@ -219,7 +285,7 @@ class Schedule(_Model):
     cron: str
     timezone: str = "UTC"
     overlap: Literal["skip", "queue", "cancel-running"] = "skip"
-    catchup: bool = False
+    catchup: StrictBool = False
 
 
 @dataclass(frozen=True)
@@ -245,17 +311,6 @@ class Pipeline(_Model):
     schedule: Schedule | None = None
     secrets_file: str | None = None  # KEY=VALUE lines, outside the repository; the environment wins
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
-
-    @model_validator(mode="after")
-    def _needs_exist(self) -> Self:
-        for name, stage in self.stages.items():
-            for i, up in enumerate(stage.needs):
-                if up not in self.stages:
-                    close = difflib.get_close_matches(up, self.stages, n=1)
-                    hint = f"did you mean {close[0]!r}?" if close else f"stages: {_listing(self.stages)}"
-                    key = f"stages.{name}.needs"
-                    raise keyed_error(key, f"unknown stage {up!r} ({hint})", at=f"{key}.{i}")
-        return self
 
     def with_source(self, source: Source) -> Pipeline:
         self._source = source
@@ -297,7 +352,20 @@ class Pipeline(_Model):
         return own if own is not None else self.defaults.timeout
 
 
-def _listing(names: Any, limit: int = 12) -> str:
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of pipeline.yaml that `pipe schema` prints, for editors and CI.
+
+    It gives every document the loader's verdict on its shape: types (strict, as the models are), required and
+    unknown keys, names, choices, bounds, image xor build, gate with metrics. Not in it, because they need more
+    than the document: the files on disk, this machine's CPUs and memory, the graph (unknown needs, cycles),
+    cron expressions and time zones, the grammar of sizes and durations past a pattern, 6 MiB as a minimum of
+    a size written as a string, and a path that leaves the folder by an inner `..`.
+    """
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            **Pipeline.model_json_schema(), "title": "pipe pipeline.yaml"}
+
+
+def listing(names: Any, limit: int = 12) -> str:
     """ "a, b, c" or "a, b, ... and 4988 more", for messages."""
     names = list(names)
     shown = ", ".join(names[:limit])

@@ -8,6 +8,7 @@ Layout (default `runs/` beside pipeline.yaml; `--state-dir` or PIPE_STATE_DIR mo
                              two runs of one state dir apart on one host; whether a run lives is its lease's
                              word (store/lease.py), as history may be shared by checkouts and hosts
     runs/<run-id>/<stage>/   a stage's outputs; runs/<run-id>/<stage>.log its output
+    runs/.gitignore          `*`, written when pipe creates the folder
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ class StateDir:
         return cls(root.resolve())
 
     def ensure(self) -> StateDir:
-        """Create the folder private to the user (0700); history and cache may hold what stages wrote."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Create the folder private to the user (0700); history and cache may hold what stages wrote. A new
+        folder gets a `.gitignore` of `*`, so `git add .` beside pipeline.yaml never takes in runs/."""
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ignore = self.root / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("# made by pipe: the state folder (history, cache, outputs) stays out of git\n*\n")
         return self
 
     @property

@@ -77,6 +77,23 @@ def read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     return builder.finish()
 
 
+def read_value(text: str) -> Any:
+    """A value given on the command line (`-p train.lr=1e-3`), read by the same rules as a value in the file, so
+    one spelling means one value: `10.0` a float, `10` an int, `yes` true, `[1, 2]` a list, `2024-01-31` a
+    string, empty null. ValueError naming the problem (YAML syntax, a tag, an alias, more than one document)."""
+    builder = _Builder(Path("(value)"))
+    try:
+        builder.build(text)
+        value, _ = builder.finish()
+    except SpecError as e:
+        raise ValueError(e.problem) from None
+    except yaml.MarkedYAMLError as e:
+        raise ValueError(f"YAML syntax: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+    return value
+
+
 def _read_text(path: Path) -> str:
     try:
         with path.open("rb") as file:

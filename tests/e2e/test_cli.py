@@ -29,7 +29,7 @@ def test_validate_accepts_a_good_file_and_checks_its_images(docker: Any, make_pi
     since = time.time()
     done = pipe("validate", path)
     assert done.returncode == 0, done.stderr
-    assert "ok (1 stages)" in done.stdout
+    assert "ok (1 stage)" in done.stdout
     assert containers_created(docker, path.parent / "runs", since) == 0
 
 
@@ -100,3 +100,82 @@ def test_run_on_a_terminal_shows_a_live_view(docker: Any, make_pipeline: Callabl
     assert proc.wait(timeout=30) == 0
     assert ANSI.search(screen), "a terminal gets the rich live view"
     assert b"succeeded" in screen
+
+
+def test_version() -> None:
+    from orchestrator import __version__
+
+    done = pipe("--version")
+    assert done.returncode == 0 and done.stdout == f"pipe {__version__}\n"
+
+
+def test_validate_json_lists_every_error_with_file_line_and_key(make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline("stages:\n  data:\n    image: busybox\n    network: 'yes'\n  train:\n    image: busybox\n"
+                         "    need: [data]\n")
+    done = pipe("validate", path, "--no-images", "--json")
+    assert done.returncode == 2, done.stderr
+    assert json.loads(done.stdout) == {"ok": False, "errors": [
+        {"file": str(path), "line": 4, "key": "stages.data.network", "exit_code": 2,
+         "message": "expected true or false, got the string 'yes'"},
+        {"file": str(path), "line": 7, "key": "stages.train.need", "exit_code": 2,
+         "message": "unknown key (did you mean 'needs'?)"},
+    ]}
+    plain = pipe("validate", path, "--no-images")  # without --json: the first, on one line
+    assert plain.returncode == 2 and plain.stderr == f"error: {path}:4: stages.data.network: expected true or false, " \
+                                                     "got the string 'yes'\n"
+
+
+def test_validate_json_on_success_and_on_a_missing_file(make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline({"stages": {"a": {"image": BUSYBOX}, "b": {"image": BUSYBOX, "needs": ["a"]}}})
+    done = pipe("validate", path, "--no-images", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"ok": True, "file": str(path), "pipeline": "project", "stages": 2,
+                                       "stage_names": ["a", "b"], "schedule": False, "errors": []}
+    missing = pipe("validate", path.parent / "nope.yaml", "--no-images", "--json")
+    assert missing.returncode == 2
+    (error,) = json.loads(missing.stdout)["errors"]
+    assert error["file"] is None and error["line"] is None and "no such file" in error["message"]
+
+
+def test_dag_json_gives_nodes_in_run_order_and_edges(make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline({"stages": {
+        "train": {"image": BUSYBOX, "needs": ["data"]}, "data": {"image": BUSYBOX},
+        "evaluate": {"image": BUSYBOX, "needs": ["train", "data"]},
+    }})
+    done = pipe("dag", path, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "nodes": [{"name": "data", "needs": []}, {"name": "train", "needs": ["data"]},
+                  {"name": "evaluate", "needs": ["data", "train"]}],
+        "edges": [{"from": "data", "to": "evaluate"}, {"from": "data", "to": "train"},
+                  {"from": "train", "to": "evaluate"}],
+    }
+
+
+def test_a_typo_in_p_is_refused_before_anything_runs(make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline({"stages": {"train": {"image": "pipe-test-absent:0", "params": {"n_estimators": 100}}}})
+    done = pipe("run", path, "-p", "train.n_estimatorz=3")
+    assert done.returncode == 2
+    assert done.stderr == ("error: param override train.n_estimatorz: stage train has no param 'n_estimatorz': "
+                           "did you mean 'n_estimators'? (to add a new param, write -p +train.n_estimatorz=...)\n")
+    assert not (path.parent / "runs").exists()  # refused before the engine or the state folder
+
+
+def test_validate_says_up_front_that_the_engine_has_no_gpus(docker: Any, make_pipeline: Callable[..., Path]) -> None:
+    if "nvidia" in (docker.info().get("Runtimes") or {}):
+        raise AssertionError("this test needs an engine without the nvidia runtime")
+    path = make_pipeline("stages:\n  train:\n    image: " + BUSYBOX + "\n    resources: {gpus: 1}\n")
+    since = time.time()
+    for command in (("validate",), ("run",)):
+        done = pipe(*command, path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"error: {path}:4: stages.train.resources.gpus: asks for 1 GPU but the engine "
+                                      "has no GPU runtime (runtimes: ")
+        assert len(done.stderr.splitlines()) == 1
+    assert containers_created(docker, path.parent / "runs", since) == 0
+
+
+def test_the_state_folder_keeps_itself_out_of_git(make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline({"schedule": {"cron": "@daily"}, "stages": {"a": {"image": BUSYBOX}}})
+    assert pipe("schedule", path).returncode == 0  # opens the history, so creates runs/
+    assert (path.parent / "runs" / ".gitignore").read_text().splitlines()[-1] == "*"

@@ -90,7 +90,7 @@ def test_crontab_line_runs_the_pipeline_under_real_cron(
     docker: Any, make_pipeline: Callable[..., Path], cron_daemon: None
 ) -> None:
     path = make_pipeline(SCHEDULED, files={"raw.txt": "a\n"})
-    installed = pipe("schedule", "install", path, "--apply")
+    installed = pipe("schedule", "install", path, "--apply", "--force")  # Berlin: not cron's zone
     assert installed.returncode == 0, installed.stderr
     try:
         listing = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=True).stdout
@@ -103,6 +103,30 @@ def test_crontab_line_runs_the_pipeline_under_real_cron(
         assert runs[0]["status"] == "succeeded"
     finally:
         removed = pipe("schedule", "uninstall", path)
-    assert removed.returncode == 0 and "removed 2 crontab line(s)" in removed.stdout
+    assert removed.returncode == 0 and "removed 2 crontab lines" in removed.stdout
     listing = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=False).stdout
     assert f"# pipe:{path}" not in listing
+
+
+def test_install_apply_refuses_a_zone_cron_would_not_honour_unless_forced(
+    make_pipeline: Callable[..., Path], tmp_path: Path
+) -> None:
+    path = make_pipeline({**SCHEDULED, "schedule": {"cron": "0 3 * * *", "timezone": "Pacific/Chatham"}},
+                         files={"raw.txt": "a\n"})
+    table = tmp_path / "table"
+    fake = tmp_path / "bin" / "crontab"  # keeps the table in a file: the real user's crontab is not touched
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\ncase "$1" in\n  -l) cat "{table}" 2>/dev/null || {{ echo "no crontab for t" >&2; '
+                    f'exit 1; }};;\n  -) cat > "{table}";;\nesac\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin"}
+    refused = pipe("schedule", "install", path, "--apply", env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: not installed: schedule.timezone is Pacific/Chatham but cron reads")
+    assert refused.stderr.rstrip().endswith("--force installs it anyway")
+    assert not table.exists()
+    forced = pipe("schedule", "install", path, "--apply", "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert f"# pipe:{path}" in table.read_text()
+    printed = pipe("schedule", "install", path, env=env)  # printing is never refused: it only warns
+    assert printed.returncode == 0 and "warning: schedule.timezone" in printed.stderr

@@ -152,32 +152,32 @@ def test_nothing_is_due_between_ticks() -> None:
 
 def test_a_tick_on_time_fires() -> None:
     plan = due_ticks(schedule("0 * * * *"), at(2026, 1, 1, 10, 0), at(2026, 1, 1, 11, 0, 10))
-    assert [(t.due_at, t.action) for t in plan.ticks] == [(at(2026, 1, 1, 11), "fire")]
+    assert [(t.due_at, t.decision) for t in plan.ticks] == [(at(2026, 1, 1, 11), "fire")]
     assert plan.fire is not None and plan.fire.due_at == at(2026, 1, 1, 11)
 
 
 def test_without_history_only_a_tick_within_the_grace_is_owed() -> None:
     hourly = schedule("0 * * * *")
-    assert [t.action for t in due_ticks(hourly, None, at(2026, 1, 1, 11, 0) + GRACE).ticks] == ["fire"]
+    assert [t.decision for t in due_ticks(hourly, None, at(2026, 1, 1, 11, 0) + GRACE).ticks] == ["fire"]
     assert due_ticks(hourly, None, at(2026, 1, 1, 11, 0) + GRACE + timedelta(seconds=1)).ticks == ()
 
 
 def test_without_catchup_missed_ticks_are_skipped_and_the_latest_fires_when_on_time() -> None:
     plan = due_ticks(schedule("0 * * * *"), at(2026, 1, 1, 5), at(2026, 1, 1, 9, 0, 20))
-    assert [(t.due_at.hour, t.action, t.reason) for t in plan.ticks] == [
+    assert [(t.due_at.hour, t.decision, t.reason) for t in plan.ticks] == [
         (6, "skip", MISSED), (7, "skip", MISSED), (8, "skip", MISSED), (9, "fire", None)]
 
 
 def test_without_catchup_nothing_fires_when_even_the_latest_tick_is_late() -> None:
     plan = due_ticks(schedule("0 * * * *"), at(2026, 1, 1, 5), at(2026, 1, 1, 9, 30))
-    assert [(t.due_at.hour, t.action) for t in plan.ticks] == [(hour, "skip") for hour in (6, 7, 8, 9)]
+    assert [(t.due_at.hour, t.decision) for t in plan.ticks] == [(hour, "skip") for hour in (6, 7, 8, 9)]
     assert plan.fire is None
     assert {t.reason for t in plan.ticks} == {"missed while the scheduler was down (catchup: false)"}
 
 
 def test_with_catchup_one_run_fires_for_all_missed_ticks() -> None:
     plan = due_ticks(schedule("0 * * * *", catchup=True), at(2026, 1, 1, 5), at(2026, 1, 1, 9, 30))
-    assert [(t.due_at.hour, t.action) for t in plan.ticks] == [
+    assert [(t.due_at.hour, t.decision) for t in plan.ticks] == [
         (6, "coalesce"), (7, "coalesce"), (8, "coalesce"), (9, "fire")]
     assert plan.ticks[0].reason == ("missed while the scheduler was down; coalesced into the catch-up run "
                                     "for the tick at 2026-01-01T09:00:00Z (catchup: true)")
@@ -185,7 +185,7 @@ def test_with_catchup_one_run_fires_for_all_missed_ticks() -> None:
 
 def test_an_earlier_tick_within_the_grace_is_coalesced_into_the_run_that_fires() -> None:
     plan = due_ticks(schedule("* * * * *"), at(2026, 1, 1, 9, 59, 30), at(2026, 1, 1, 10, 1))
-    assert [(t.due_at.minute, t.action) for t in plan.ticks] == [(0, "coalesce"), (1, "fire")]
+    assert [(t.due_at.minute, t.decision) for t in plan.ticks] == [(0, "coalesce"), (1, "fire")]
     assert plan.ticks[0].reason == ("coalesced into the run for the tick at 2026-01-01T10:01:00Z "
                                     "(the scheduler woke late)")
 
@@ -193,10 +193,10 @@ def test_an_earlier_tick_within_the_grace_is_coalesced_into_the_run_that_fires()
 def test_due_ticks_follow_the_dst_rule() -> None:
     repeated = schedule("30 2 * * *", BERLIN, catchup=True)
     plan = due_ticks(repeated, at(2026, 10, 24, 12), at(2026, 10, 25, 2))
-    assert [(t.due_at, t.action) for t in plan.ticks] == [(at(2026, 10, 25, 0, 30), "fire")]
+    assert [(t.due_at, t.decision) for t in plan.ticks] == [(at(2026, 10, 25, 0, 30), "fire")]
     skipped = schedule("*/15 * * * *", BERLIN, catchup=True)
     plan = due_ticks(skipped, at(2026, 3, 29, 0, 45), at(2026, 3, 29, 1, 0, 5))
-    assert [(t.due_at, t.action) for t in plan.ticks] == [(at(2026, 3, 29, 1, 0), "fire")]
+    assert [(t.due_at, t.decision) for t in plan.ticks] == [(at(2026, 3, 29, 1, 0), "fire")]
 
 
 def test_the_last_tick_itself_is_not_due_again() -> None:

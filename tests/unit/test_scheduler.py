@@ -14,18 +14,16 @@ from typing import Any, Literal
 import pytest
 
 from orchestrator.cron import MISSED, crontab_line, crontab_marker
-from orchestrator.errors import LockHeld, SpecError, UsageError
-from orchestrator.loader import load_pipeline
-from orchestrator.scheduler import (
-    SUCCEEDED,
+from orchestrator.crontab import (
     CrontabError,
-    RunOutcome,
-    Scheduler,
     install_crontab,
     read_crontab,
     system_timezone,
     uninstall_crontab,
 )
+from orchestrator.errors import LockHeld, SpecError, UsageError
+from orchestrator.loader import load_pipeline
+from orchestrator.scheduler import SUCCEEDED, RunOutcome, Scheduler
 from orchestrator.spec import Schedule
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
