@@ -162,7 +162,7 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id, a prefix of one, or
     info = api.show_run(_target(pipeline, state_dir, db), run_id)
     pruned = api.pruned_at(_target(pipeline, state_dir, db), info.id)
     if json_out:
-        console.print_json({**info.to_json(), "outputs_pruned_at": console.iso_utc(pruned)})
+        console.print_json({**info.to_json(), "outputs_pruned_at": console.pruned_json(pruned)})
     else:
         console.print_run(info)
         if pruned is not None:

@@ -447,3 +447,8 @@ def print_verify(report: Any) -> None:
 
 def describe_pruned(run_id: str, at: datetime) -> str:
     return f"run {run_id}: outputs pruned by gc on {at.astimezone():%Y-%m-%d %H:%M}"
+
+
+def pruned_json(at: datetime | None) -> str | None:
+    """`pipe show --json`'s outputs_pruned_at: when gc removed the run's folder, or null."""
+    return iso_utc(at)
