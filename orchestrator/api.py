@@ -13,7 +13,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -426,6 +426,10 @@ def log_path(target: Target, run: str, stage: str) -> tuple[RunInfo, Path]:
     info = show_run(target, run)
     for s in info.stages:
         if s.stage == stage and s.log_path:
+            if not Path(s.log_path).exists() and (at := pruned_at(target, info.id)) is not None:
+                from orchestrator.errors import NotFound
+
+                raise NotFound(f"run {info.id}: outputs pruned by gc on {at.astimezone():%Y-%m-%d %H:%M}")
             return info, Path(s.log_path)
     from orchestrator.errors import NotFound
 
@@ -464,6 +468,7 @@ class StatusReport:
     pipeline: Pipeline
     run: RunInfo | None
     next_run: list[Decision]  # in plan order
+    disk: Any = None  # prune.DiskUse of the state dir
 
 
 def status(target: Target, backend: Backend | None = None) -> StatusReport:
@@ -485,7 +490,9 @@ def status(target: Target, backend: Backend | None = None) -> StatusReport:
             memo = ImageMemo.load(loaded.state.images_memo)
             images = forecast(pipeline, plan.order, memo, RecordedView(memo), hash_memo)
         next_run = _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset())
-    return StatusReport(pipeline, run, next_run.decisions)
+    from orchestrator.prune import disk_use
+
+    return StatusReport(pipeline, run, next_run.decisions, disk_use(loaded.state))
 
 
 def _engine_if_up() -> Backend | None:
@@ -549,22 +556,100 @@ def cache_entries(target: Target) -> list[Any]:
     return sorted(Cache(load(target).state.cache_dir).entries(), key=lambda m: m.created_at, reverse=True)
 
 
-def cache_verify(target: Target) -> list[str]:
+def cache_disk_use(target: Target) -> Any:
+    """prune.DiskUse of the state dir: the cache, and what the run folders add to it."""
+    from orchestrator import prune
+
+    return prune.disk_use(load(target).state)
+
+
+def cache_verify(target: Target, repair: bool = False) -> Any:
+    """cache.VerifyReport: every blob re-hashed; with `repair`, corrupt blobs and the entries needing them go.
+    Under the lock when repairing (a run saving meanwhile could lose a blob it just stored)."""
     from orchestrator.cache import Cache
 
-    return Cache(load(target).state.cache_dir).verify()
+    loaded = load(target)
+    cache = Cache(loaded.state.cache_dir)
+    if not repair:
+        return cache.verify()
+    with loaded.state.lock():
+        return cache.verify(repair=True)
 
 
 def cache_gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool) -> Any:
-    """Remove cache entries that no run among the last `keep_runs` (or the last `keep_days`) references."""
+    """`pipe cache gc`: `gc` of the cache alone; run folders stay, so blobs they link stay on disk."""
+    return gc(target, keep_runs, keep_days, dry_run, runs=False, images=False).cache
+
+
+@dataclass(frozen=True)
+class GcResult:
+    dry_run: bool
+    runs_removed: tuple[str, ...]
+    runs_kept: tuple[str, ...]
+    cache: Any  # cache.GcReport
+    bytes_freed: int  # run folders and cache files together, each block once when its last link goes
+    images_removed: tuple[str, ...] = ()
+    images_held: tuple[str, ...] = ()  # pipe built them and nothing kept uses them, but a container does
+    image_bytes_freed: int = 0
+    warnings: tuple[str, ...] = ()
+
+
+def gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool, runs: bool = True,
+       images: bool = True, docker_url: str | None = None) -> GcResult:
+    """`pipe gc`: removes the folders of the runs the policy does not keep (prune.plan_runs; never the latest
+    successful run nor a running one), the cache entries no kept run uses, and the images pipe built that no
+    kept run, kept entry or `image:` stage uses. Holds the pipeline's lock throughout."""
+    from orchestrator import prune
     from orchestrator.cache import Cache
+    from orchestrator.fsops import Freed
 
     if keep_runs is None and keep_days is None:
         raise UsageError("say what to keep: --keep-runs N and/or --keep-days D")
     loaded = load(target)
-    with open_store(loaded) as store:
-        keep = store.referenced_cache_keys(keep_runs=keep_runs, keep_days=keep_days)
-    return Cache(loaded.state.cache_dir).gc(keep, dry_run=dry_run)
+    state, now = loaded.state, datetime.now(UTC)
+    with open_store(loaded) as store, state.lock():
+        history = store.list_runs(loaded.pipeline.display_name, limit=2**31 - 1, with_stages=True)
+        plan = prune.plan_runs(history, prune.KeepPolicy(keep_runs, keep_days), now,
+                               lambda run_id: state.run_dir(run_id).is_dir())
+        keys = {s.cache_key for r in plan.keep for s in r.stages if s.cache_key}
+        keys |= store.referenced_cache_keys(keep_runs=keep_runs, keep_days=keep_days)  # other pipelines' too
+        freed = Freed()
+        removed = plan.remove if runs else ()
+        prune.remove_runs(state, removed, freed, dry_run)
+        if removed and not dry_run:
+            prune.record_pruned(state, (r.id for r in removed), now)
+        cache = Cache(state.cache_dir)
+        report = cache.gc(keys, dry_run=dry_run, freed=freed)
+        result = GcResult(dry_run, tuple(r.id for r in removed), tuple(r.id for r in plan.keep), report,
+                          freed.bytes)
+        if images:
+            used = {s.image_id for r in plan.keep for s in r.stages if s.image_id}
+            used |= {m.ingredients.image for m in cache.entries() if m.key in keys}
+            result = _gc_images(loaded, used, dry_run, docker_url, result)
+    return result
+
+
+def _gc_images(loaded: Loaded, used: set[str], dry_run: bool, docker_url: str | None, result: GcResult) -> GcResult:
+    from orchestrator import docker_executor, images
+    from orchestrator.errors import EngineError
+
+    memo = loaded.state.images_memo
+    if not memo.exists():
+        return result  # pipe built nothing here: no engine needed
+    refs = [s.image for s in loaded.pipeline.stages.values() if s.image is not None]
+    try:
+        client = docker_executor.connect(docker_url)
+        removed, held, freed = images.remove_unused_built_images(client, memo, used, refs, dry_run)
+    except EngineError as e:
+        return replace(result, warnings=(*result.warnings, f"images not collected: {e}"))
+    return replace(result, images_removed=tuple(removed), images_held=tuple(held), image_bytes_freed=freed)
+
+
+def pruned_at(target: Target, run_id: str) -> datetime | None:
+    """When `pipe gc` removed this run's folder (outputs and logs), or None."""
+    from orchestrator import prune
+
+    return prune.pruned_at(load(target).state, run_id)
 
 
 # ---- schedules ---------------------------------------------------------------------------------------------------

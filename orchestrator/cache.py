@@ -6,16 +6,22 @@ Layout: blobs/<ab>/<digest> (mode 0444; an executable file is blobs/<ab>/<digest
 entries/<ab>/<key>.json (a Manifest). Contract: the caller saves only the outputs of a stage that succeeded,
 never those of a failed, timed-out or cancelled one; a save is atomic (blobs first, then the manifest written to
 a temporary name and renamed), so a crash never leaves a half entry.
+
+Files move between a run folder and the blobs as reflinks (copy-on-write clones: a later write to either copy
+leaves the other alone) where the file system has them, else as hard links (one inode: writing to a restored
+file as root writes to the blob, and to every run folder linked to it), else as copies. A blob is sealed when
+stored: the nanoseconds of its modification time are set to a value derived from its digest (`_tag`). A write
+in place moves them, so lookup, with the one stat it already made, tells a blob changed at the same size from
+an intact one; `verify` re-hashes to be sure. Manifests say whether their blobs were sealed (`sealed`): entries
+of an older pipe, or of a file system that cannot store nanoseconds, are checked by size only.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,10 +30,12 @@ from pathlib import Path
 
 from orchestrator.cachekey import Ingredients
 from orchestrator.errors import PipeError
+from orchestrator.fsops import Freed, clone, disk_bytes, link_or_copy
 from orchestrator.hashing import FileEntry, TreeDigest, hash_file
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # `sealed` was added without a bump: an older pipe ignores it, and its manifests lack it
 STALE_TMP_S = 3600  # gc removes temporary files of saves older than this (a crash left them)
+_NS = 1_000_000_000
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
 
 
@@ -43,6 +51,7 @@ class Manifest:
     run_id: str
     stage: str
     empty_dirs: tuple[str, ...] = ()
+    sealed: bool = False  # every blob carried its digest's tag at save: lookup compares the tag too
 
     @property
     def total_size(self) -> int:
@@ -60,6 +69,7 @@ class Manifest:
                 "files": [asdict(entry) for entry in self.files],
                 "empty_dirs": list(self.empty_dirs),
                 "ingredients": asdict(self.ingredients),
+                "sealed": self.sealed,
             },
             sort_keys=True,
             ensure_ascii=False,
@@ -81,6 +91,7 @@ class Manifest:
                 files=tuple(FileEntry(**entry) for entry in data["files"]),
                 empty_dirs=tuple(data["empty_dirs"]),
                 ingredients=Ingredients.from_dict(data["ingredients"]),
+                sealed=data.get("sealed") is True,
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"incomplete cache manifest: {e}") from e
@@ -99,8 +110,33 @@ class GcReport:
     entries_removed: int
     entries_kept: int
     blobs_removed: int
-    bytes_removed: int  # blob sizes; a run folder still hard-linking a blob keeps its bytes on disk
+    blob_bytes: int  # the removed blobs' sizes, whether or not a link elsewhere keeps them on disk
+    bytes_freed: int  # what the disk gets back (Freed.bytes; with a shared Freed, everything it counted)
+    bytes_still_linked: int  # blocks of removed blobs that links outside the removal keep (run folders)
     removed_keys: tuple[str, ...] = ()  # sorted; what --dry-run shows
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of verify. kind: corrupt_blob, unreadable_manifest, unsafe_manifest, missing_blob,
+    damaged_blob (an entry's blob is corrupt or of the wrong size) or moved_tag (intact, but touched)."""
+
+    kind: str
+    message: str
+    key: str | None = None
+    blob: str | None = None  # the blob's file name: digest, plus .x for an executable
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    blobs_checked: int
+    bytes_checked: int
+    entries_checked: int
+    problems: tuple[Problem, ...]
+    repaired: bool
+    blobs_removed: int = 0  # corrupt blobs deleted by repair
+    entries_removed: int = 0  # entries deleted by repair: each is a miss from now on, and re-runs
+    blobs_resealed: int = 0  # intact blobs whose tag repair set again
 
 
 class Cache:
@@ -110,9 +146,11 @@ class Cache:
         self.root = root
         self._blobs = root / "blobs"
         self._entries = root / "entries"
+        self._clones = True  # until the file system refuses one: then hard links, without asking again
 
     def lookup(self, key: str) -> Lookup:
-        """A hit only when the manifest parses and every blob exists with its size (stat only, no read)."""
+        """A hit only when the manifest parses and every blob exists with its size and, for a sealed entry, its
+        tag (one stat per blob, no read)."""
         path = self._entry_path(key)
         try:
             manifest = Manifest.from_json(path.read_bytes())
@@ -128,13 +166,16 @@ class Cache:
             if entry.link is not None:
                 continue
             try:
-                size = self.blob_path(entry).stat().st_size
+                st = self.blob_path(entry).stat()
             except OSError:
                 return Lookup(None, self._damaged(key, f"blob of {entry.path} is missing"))
-            if size != entry.size:
+            if st.st_size != entry.size:
                 return Lookup(
-                    None, self._damaged(key, f"blob of {entry.path} has {size} bytes, not {entry.size}")
+                    None, self._damaged(key, f"blob of {entry.path} has {st.st_size} bytes, not {entry.size}")
                 )
+            if manifest.sealed and st.st_mtime_ns % _NS != _tag(entry.digest):
+                return Lookup(None, self._damaged(
+                    key, f"blob of {entry.path} was modified after it was saved; `pipe cache verify` checks it"))
         return Lookup(manifest)
 
     def save(
@@ -142,16 +183,18 @@ class Cache:
     ) -> Manifest:
         """Stores `tree` (hash_tree of outputs_dir) under `key`; only ever for a stage that succeeded.
 
-        Each file is hard-linked into the blob store and made read-only (so the run's own output file becomes
-        read-only too), or copied when a link is impossible (another device, another owner); a blob already
-        present with its size is reused. Symlinks are recorded, never followed. The manifest appears last and
-        atomically. Raises PipeError naming the file when the disk refuses.
+        Each file is cloned into the blob store (a reflink), or hard-linked and made read-only (so the run's own
+        output file becomes read-only too), or copied when neither is possible (another device, another owner),
+        then sealed; a blob already present with its size and tag is reused, any other is replaced by the fresh
+        file. Symlinks are recorded, never followed. The manifest appears last and atomically. Raises PipeError
+        naming the file when the disk refuses.
         """
         entry_path = self._entry_path(key)
         try:
+            sealed = True
             for entry in tree.files:
                 if entry.link is None:
-                    self._store_blob(outputs_dir / entry.path, entry)
+                    sealed = self._store_blob(outputs_dir / entry.path, entry) and sealed
             manifest = Manifest(
                 key=key,
                 digest=tree.digest,
@@ -161,6 +204,7 @@ class Cache:
                 created_at=datetime.now(UTC),
                 run_id=run_id,
                 stage=stage,
+                sealed=sealed,
             )
             entry_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = entry_path.with_name(f".{entry_path.name}.{secrets.token_hex(4)}.tmp")
@@ -179,9 +223,9 @@ class Cache:
     def restore(self, manifest: Manifest, dest: Path) -> None:
         """Materialises the outputs in `dest` (absent or empty) without copying bytes where possible.
 
-        Files become hard links to the read-only blobs, or copies (reflinked where the filesystem can) when a
-        link is impossible; symlinks and empty folders are recreated. On PipeError, dest may hold part of the
-        outputs: the caller discards it.
+        Files become reflink clones of the read-only blobs, or hard links to them where the file system has no
+        reflinks, or copies when a link is impossible; symlinks and empty folders are recreated. On PipeError,
+        dest may hold part of the outputs: the caller discards it.
         """
         try:
             dest.mkdir(parents=True, exist_ok=True)
@@ -193,7 +237,7 @@ class Cache:
                 if entry.link is not None:
                     os.symlink(entry.link, target)
                 else:
-                    _link_or_copy(self.blob_path(entry), target, _blob_mode(entry))
+                    self._place(self.blob_path(entry), target, _blob_mode(entry))
         except OSError as e:
             raise PipeError(
                 f"cannot restore cache entry {manifest.key[:12]} of {manifest.stage} into {dest}: {e}"
@@ -207,45 +251,80 @@ class Cache:
             except (OSError, ValueError):
                 continue
 
-    def verify(self, repair: bool = False) -> list[str]:
-        """Re-hashes every blob and checks every manifest; one line per problem. `repair` deletes bad blobs and
-        unreadable manifests, so the entries that need them miss at lookup and re-run."""
-        problems = []
-        blob_sizes: dict[str, int] = {}
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Re-hashes every blob and checks every manifest against them. `repair` deletes corrupt blobs and the
+        entries that are damaged or need a missing or corrupt blob (each becomes a miss and re-runs), and seals
+        again the intact blobs whose tag moved (a `touch`)."""
+        problems: list[Problem] = []
+        intact: dict[str, os.stat_result] = {}  # blob file name -> its stat
+        checked = checked_bytes = 0
         for blob in self._blob_files():
             digest = blob.name.removesuffix(".x")
             actual = hash_file(blob)
+            checked, checked_bytes = checked + 1, checked_bytes + blob.stat().st_size
             if actual == digest:
-                blob_sizes[blob.name] = blob.stat().st_size
+                intact[blob.name] = blob.stat()
                 continue
-            problems.append(f"blob {digest[:12]} is corrupt (its content hashes to {actual[:12]})")
+            problems.append(Problem("corrupt_blob", f"blob {digest[:12]} is corrupt (its content hashes to "
+                                    f"{actual[:12]})", blob=blob.name))
             if repair:
                 blob.unlink()
+        entries = entries_removed = 0
+        reseal: set[str] = set()
         for path in self._entry_files():
             key = path.name.removesuffix(".json")
-            try:
-                manifest = Manifest.from_json(path.read_bytes())
-            except (OSError, ValueError):
-                problems.append(self._damaged(key, "unreadable manifest"))
-                if repair:
-                    path.unlink()
-                continue
-            for entry in manifest.files:
-                name = self.blob_path(entry).name
-                if entry.link is None and blob_sizes.get(name) != entry.size:
-                    problems.append(self._damaged(key, f"blob of {entry.path} is missing or corrupt"))
-        return problems
+            entries += 1
+            found = self._check_entry(path, key, intact)
+            problems += found
+            reseal |= {p.blob for p in found if p.kind == "moved_tag" and p.blob}
+            if repair and any(p.kind != "moved_tag" for p in found):
+                path.unlink()
+                entries_removed += 1
+        resealed = 0
+        for name in sorted(reseal) if repair else ():
+            blob = self._blobs / name[:2] / name
+            resealed += _seal(blob, _tag(name.removesuffix(".x")))
+        corrupt = sum(p.kind == "corrupt_blob" for p in problems)
+        return VerifyReport(checked, checked_bytes, entries, tuple(problems), repair,
+                            corrupt if repair else 0, entries_removed, resealed)
 
-    def gc(self, keep: set[str], dry_run: bool = False) -> GcReport:
+    def _check_entry(self, path: Path, key: str, intact: dict[str, os.stat_result]) -> list[Problem]:
+        try:
+            manifest = Manifest.from_json(path.read_bytes())
+        except (OSError, ValueError):
+            return [Problem("unreadable_manifest", self._damaged(key, "unreadable manifest"), key=key)]
+        if manifest.key != key or any(_leaves_folder(f.path) for f in manifest.files):
+            return [Problem("unsafe_manifest", self._damaged(key, "manifest of another key or a path that "
+                                                             "leaves the outputs folder"), key=key)]
+        found = []
+        for entry in manifest.files:
+            name = self.blob_path(entry).name
+            st = intact.get(name)
+            if entry.link is not None:
+                continue
+            if st is None or st.st_size != entry.size:
+                kind = "damaged_blob" if st is not None or self.blob_path(entry).exists() else "missing_blob"
+                found.append(Problem(kind, self._damaged(key, f"blob of {entry.path} is missing or corrupt"),
+                                     key=key, blob=name))
+            elif manifest.sealed and st.st_mtime_ns % _NS != _tag(entry.digest):
+                found.append(Problem("moved_tag", self._damaged(
+                    key, f"blob of {entry.path} is intact but was touched; --repair seals it again"),
+                    key=key, blob=name))
+        return found
+
+    def gc(self, keep: set[str], dry_run: bool = False, freed: Freed | None = None) -> GcReport:
         """Removes the entries whose key is not in `keep`, then every blob no remaining manifest references,
         and temporary files that a crashed save left. Run it under the pipeline's lock: a save in progress
-        has blobs that no manifest references yet."""
+        has blobs that no manifest references yet. What the removals free is counted in `freed` (pass the one
+        that also counts run folders removed in the same collection, so a block is counted once)."""
+        freed = freed if freed is not None else Freed()
         removed_keys, kept = [], 0
         referenced: set[str] = set()
         for path in self._entry_files():
             key = path.name.removesuffix(".json")
             if key not in keep:
                 removed_keys.append(key)
+                freed.note(path.lstat())
                 if not dry_run:
                     path.unlink()
                 continue
@@ -255,16 +334,24 @@ class Cache:
             except (OSError, ValueError):
                 continue  # damaged: its blobs cannot be known, and lookup already treats it as a miss
             referenced.update(self.blob_path(e).name for e in manifest.files if e.link is None)
-        blobs_removed = bytes_removed = 0
+        blobs_removed = blob_bytes = 0
+        removed = Freed()  # the blobs alone, for bytes_still_linked
         for blob in self._blob_files():
             if blob.name not in referenced:
-                blobs_removed += 1
-                bytes_removed += blob.stat().st_size
+                st = blob.lstat()
+                blobs_removed, blob_bytes = blobs_removed + 1, blob_bytes + st.st_size
+                freed.note(st)
+                removed.note(st)
                 if not dry_run:
                     blob.unlink()
         if not dry_run:
             self._remove_stale_tmp()
-        return GcReport(len(removed_keys), kept, blobs_removed, bytes_removed, tuple(sorted(removed_keys)))
+        return GcReport(len(removed_keys), kept, blobs_removed, blob_bytes, freed.bytes, removed.still_linked,
+                        tuple(sorted(removed_keys)))
+
+    def disk_bytes(self, seen: set[tuple[int, int]] | None = None) -> int:
+        """Blocks the cache holds on disk, each inode once; `seen` collects the inodes (for runs' share)."""
+        return disk_bytes(self.root, seen if seen is not None else set())
 
     def blob_path(self, entry: FileEntry) -> Path:
         suffix = ".x" if entry.executable else ""
@@ -275,19 +362,34 @@ class Cache:
             raise ValueError(f"not a cache key: {key!r}")
         return self._entries / key[:2] / f"{key}.json"
 
-    def _store_blob(self, source: Path, entry: FileEntry) -> None:
+    def _store_blob(self, source: Path, entry: FileEntry) -> bool:
+        """The blob of `entry`, from `source` unless an intact one is there; True when it is sealed."""
         blob = self.blob_path(entry)
+        tag = _tag(entry.digest)
         try:
-            if blob.stat().st_size == entry.size:
-                return  # dedupe by content; a short blob left by damage is replaced below
+            st = blob.stat()
+            if st.st_size == entry.size and st.st_mtime_ns % _NS == tag:
+                return True  # dedupe by content; its tag says nothing wrote to it since it was stored
         except FileNotFoundError:
             blob.parent.mkdir(parents=True, exist_ok=True)
+        # absent, short, written to since it was stored, or stored unsealed by an older pipe: the fresh file wins
         tmp = blob.with_name(f".{blob.name}.{secrets.token_hex(4)}.tmp")
         try:
-            _link_or_copy(source, tmp, _blob_mode(entry), chmod_link=True)
+            self._place(source, tmp, _blob_mode(entry), chmod_link=True)
+            sealed = _seal(tmp, tag)
             os.replace(tmp, blob)
         finally:
             tmp.unlink(missing_ok=True)
+        return sealed
+
+    def _place(self, source: Path, target: Path, mode: int, chmod_link: bool = False) -> None:
+        """target becomes a reflink clone of source, else a hard link to it, else a copy (fsops.link_or_copy).
+        Blobs and run folders share the state dir's file system: after one refusal this Cache stops asking."""
+        if self._clones:
+            if clone(source, target, mode):
+                return
+            self._clones = False
+        link_or_copy(source, target, mode, chmod_link)
 
     def _remove_stale_tmp(self) -> None:
         for folder in (self._blobs, self._entries):
@@ -317,34 +419,17 @@ def _blob_mode(entry: FileEntry) -> int:
     return 0o555 if entry.executable else 0o444
 
 
-def _link_or_copy(source: Path, target: Path, mode: int, chmod_link: bool = False) -> None:
-    """Hard-links source to target, or copies it (reflinked where possible) when a link is refused.
+def _tag(digest: str) -> int:
+    """The nanoseconds a sealed blob's modification time carries: a write in place sets them to the clock's."""
+    return int(digest[:8], 16) % _NS
 
-    With chmod_link the linked inode itself gets `mode`; a copy always gets it. A link fails across devices
-    (EXDEV), for a file of another owner under fs.protected_hardlinks (EPERM), or at the link limit (EMLINK).
-    """
+
+def _seal(path: Path, tag: int) -> bool:
+    """Sets the nanoseconds of path's mtime to `tag` (its seconds stay); False where the file system keeps
+    coarser times or the file is not ours to touch."""
     try:
-        os.link(source, target)
-        if chmod_link:
-            os.chmod(target, mode)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
-            raise
-        target.unlink(missing_ok=True)
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        _copy_range(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
-    os.chmod(target, mode)
-
-
-def _copy_range(src: int, dst: int, size: int) -> None:
-    """copy_file_range shares extents on btrfs and XFS (a reflink) and copies in the kernel elsewhere."""
-    copied = 0
-    try:
-        while copied < size and (n := os.copy_file_range(src, dst, size - copied)):
-            copied += n
-    except OSError as e:
-        if copied or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        with os.fdopen(src, "rb", closefd=False) as reader, os.fdopen(dst, "wb", closefd=False) as writer:
-            shutil.copyfileobj(reader, writer)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - st.st_mtime_ns % _NS + tag))
+        return path.stat().st_mtime_ns % _NS == tag
+    except PermissionError:
+        return False

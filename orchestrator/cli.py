@@ -206,10 +206,13 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id, a prefix of one, or
          json_out: JsonOpt = False) -> None:
     """One run in full: stages, artifacts and metrics."""
     info = api.show_run(_target(pipeline, state_dir, db), run_id)
+    pruned = api.pruned_at(_target(pipeline, state_dir, db), info.id)
     if json_out:
-        console.print_json(info.to_json())
+        console.print_json({**info.to_json(), "outputs_pruned_at": console.pruned_json(pruned)})
     else:
         console.print_run(info)
+        if pruned is not None:
+            typer.echo(console.describe_pruned(info.id, pruned))
 
 
 @app.command()
@@ -272,36 +275,73 @@ def metrics(
 
 @cache_app.command("ls")
 def cache_ls(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, json_out: JsonOpt = False) -> None:
-    """List cache entries, newest first."""
-    entries = api.cache_entries(_target(pipeline, state_dir, None))
+    """List cache entries, newest first, and what the cache and the run folders hold on disk."""
+    target = _target(pipeline, state_dir, None)
+    entries = api.cache_entries(target)
     if json_out:
         console.print_json([console.manifest_json(m) for m in entries])
     else:
-        console.print_cache(entries)
+        console.print_cache(entries, api.cache_disk_use(target))
 
 
 @cache_app.command("verify")
-def cache_verify(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None) -> None:
-    """Re-hash every blob; report damaged entries (a damaged entry is a miss: the stage re-runs)."""
-    problems = api.cache_verify(_target(pipeline, state_dir, None))
-    for problem in problems:
-        console.warn(problem)
-    typer.echo(f"{len(problems)} problem(s)")
-    raise typer.Exit(1 if problems else 0)
+def cache_verify(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    repair: Annotated[bool, typer.Option("--repair", help="Remove corrupt blobs and the entries that need them.")]
+    = False,
+    state_dir: StateDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-hash every blob; report damaged entries (a damaged entry is a miss: the stage re-runs). Exits 1 when
+    problems remain (found without --repair)."""
+    report = api.cache_verify(_target(pipeline, state_dir, None), repair=repair)
+    if json_out:
+        console.print_json(console.verify_json(report))
+    else:
+        console.print_verify(report)
+    raise typer.Exit(1 if report.problems and not report.repaired else 0)
+
+
+KeepRunsOpt = Annotated[int | None, typer.Option("--keep-runs", min=0, help="Keep what the last N runs use.")]
+KeepDaysOpt = Annotated[float | None, typer.Option("--keep-days", min=0, help="Keep what the last D days use.")]
+GcDryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; remove nothing.")]
 
 
 @cache_app.command("gc")
 def cache_gc(
     pipeline: PipelineArg = DEFAULT_FILE,
-    keep_runs: Annotated[int | None, typer.Option("--keep-runs", min=0, help="Keep what the last N runs use.")] = None,
-    keep_days: Annotated[float | None, typer.Option("--keep-days", min=0, help="Keep what the last D days use.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed.")] = False,
+    keep_runs: KeepRunsOpt = None,
+    keep_days: KeepDaysOpt = None,
+    dry_run: GcDryRunOpt = False,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Remove cache entries that no recent run references."""
+    """Remove cache entries that no kept run references (run folders stay: `pipe gc` prunes them too)."""
     report = api.cache_gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run)
-    typer.echo(console.describe_gc(report, dry_run))
+    if json_out:
+        console.print_json(console.gc_json(report, dry_run))
+    else:
+        typer.echo(console.describe_gc(report, dry_run))
+
+
+@app.command("gc")
+def gc(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    keep_runs: KeepRunsOpt = None,
+    keep_days: KeepDaysOpt = None,
+    dry_run: GcDryRunOpt = False,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove old runs' folders, the cache entries and the pipe-built images no kept run uses; never the latest
+    successful run nor a running one. Reports what the disk gets back."""
+    result = api.gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run)
+    if json_out:
+        console.print_json(console.run_gc_json(result))
+    else:
+        console.print_run_gc(result)
 
 
 @app.command()

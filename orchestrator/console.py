@@ -381,6 +381,7 @@ def status_json(report: Any) -> dict[str, Any]:
             for s in (run.stages if run else ())
         },
         "next_run": {d.stage: decision_json(d) for d in report.next_run},
+        "disk": disk_json(report.disk) if report.disk is not None else None,
     }
 
 
@@ -395,6 +396,8 @@ def print_status(report: Any) -> None:
     for d in report.next_run:
         what = Text("runs", style="yellow") if d.run else Text("cached", style="cyan")
         console.print(Text(f"  {d.stage}: ").append(what).append(f": {', '.join(d.reasons)}"))
+    if report.disk is not None:
+        console.print(describe_disk(report.disk), highlight=False)
 
 
 def manifest_json(manifest: Any) -> dict[str, Any]:
@@ -402,14 +405,93 @@ def manifest_json(manifest: Any) -> dict[str, Any]:
             "files": len(manifest.files), "size": manifest.total_size, "created_at": manifest.created_at}
 
 
-def print_cache(manifests: list[Any]) -> None:
+def print_cache(manifests: list[Any], disk: Any = None) -> None:
     table = _table("key", "stage", "run", "files", "size", "created")
     for m in manifests:
         table.add_row(m.key[:12], m.stage, m.run_id, str(len(m.files)), format_bytes(m.total_size), str(m.created_at))
     _out().print(table)
+    if disk is not None:
+        _out().print(describe_disk(disk), highlight=False)
+
+
+def disk_json(disk: Any) -> dict[str, int]:
+    """prune.DiskUse: blocks on disk, each inode once (a run folder's hard links into the cache count there)."""
+    return {"cache_bytes": disk.cache_bytes, "runs_bytes": disk.runs_bytes, "run_folders": disk.run_folders,
+            "total_bytes": disk.total_bytes}
+
+
+def describe_disk(disk: Any) -> str:
+    return (f"disk: cache {format_bytes(disk.cache_bytes)}, {disk.run_folders} run folder(s) "
+            f"{format_bytes(disk.runs_bytes)} more (hard links into the cache counted once), "
+            f"{format_bytes(disk.total_bytes)} in all")
+
+
+def gc_json(report: Any, dry_run: bool) -> dict[str, Any]:
+    """`pipe cache gc --json` (a cache.GcReport); stable keys, documented in README."""
+    return {"dry_run": dry_run, "entries_removed": report.entries_removed, "entries_kept": report.entries_kept,
+            "blobs_removed": report.blobs_removed, "blob_bytes": report.blob_bytes,
+            "bytes_freed": report.bytes_freed, "bytes_still_linked": report.bytes_still_linked,
+            "removed_keys": list(report.removed_keys)}
 
 
 def describe_gc(report: Any, dry_run: bool) -> str:
-    verb = "would remove" if dry_run else "removed"
+    verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
+    linked = (f" ({format_bytes(report.bytes_still_linked)} of them stay linked from run folders: `pipe gc` "
+              "prunes those)") if report.bytes_still_linked else ""
     return (f"{verb} {report.entries_removed} entr{'y' if report.entries_removed == 1 else 'ies'} and "
-            f"{report.blobs_removed} blob(s), {format_bytes(report.bytes_removed)}; kept {report.entries_kept}")
+            f"{report.blobs_removed} blob(s) of {format_bytes(report.blob_bytes)}{linked}; "
+            f"{freed} {format_bytes(report.bytes_freed)} on disk; kept {report.entries_kept}")
+
+
+def run_gc_json(result: Any) -> dict[str, Any]:
+    """`pipe gc --json` (an api.GcResult); stable keys, documented in README."""
+    return {"dry_run": result.dry_run, "runs_removed": list(result.runs_removed),
+            "runs_kept": list(result.runs_kept), "cache": gc_json(result.cache, result.dry_run),
+            "bytes_freed": result.bytes_freed, "images_removed": list(result.images_removed),
+            "images_held": list(result.images_held), "image_bytes_freed": result.image_bytes_freed,
+            "warnings": list(result.warnings)}
+
+
+def print_run_gc(result: Any) -> None:
+    verb, freed = ("would remove", "would free") if result.dry_run else ("removed", "freed")
+    out = _out()
+    for warning in result.warnings:
+        warn(warning)
+    out.print(f"{verb} {len(result.runs_removed)} run folder(s){': ' if result.runs_removed else ''}"
+              f"{', '.join(result.runs_removed)}; kept {len(result.runs_kept)} run(s)", highlight=False)
+    out.print(describe_gc(result.cache, result.dry_run), highlight=False)
+    out.print(f"{verb} {len(result.images_removed)} image(s) pipe built "
+              f"({format_bytes(result.image_bytes_freed)} not shared with other images)"
+              + (f"; {len(result.images_held)} kept: a container uses them" if result.images_held else ""),
+              highlight=False)
+    out.print(f"{freed} {format_bytes(result.bytes_freed + result.image_bytes_freed)} in all", highlight=False)
+
+
+def verify_json(report: Any) -> dict[str, Any]:
+    """`pipe cache verify --json` (a cache.VerifyReport); stable keys, documented in README."""
+    return {"ok": not report.problems or report.repaired, "repaired": report.repaired,
+            "blobs_checked": report.blobs_checked, "bytes_checked": report.bytes_checked,
+            "entries_checked": report.entries_checked, "blobs_removed": report.blobs_removed,
+            "entries_removed": report.entries_removed, "blobs_resealed": report.blobs_resealed,
+            "problems": [{"kind": p.kind, "message": p.message, "key": p.key, "blob": p.blob}
+                         for p in report.problems]}
+
+
+def print_verify(report: Any) -> None:
+    for problem in report.problems:
+        warn(problem.message)
+    repaired = (f"; repaired: {report.blobs_removed} blob(s) and {report.entries_removed} entr"
+                f"{'y' if report.entries_removed == 1 else 'ies'} removed, {report.blobs_resealed} blob(s) "
+                "sealed again") if report.repaired and report.problems else ""
+    _out().print(f"{len(report.problems)} problem(s) in {report.blobs_checked} blob(s) of "
+                 f"{format_bytes(report.bytes_checked)} and {report.entries_checked} entr"
+                 f"{'y' if report.entries_checked == 1 else 'ies'}{repaired}", highlight=False)
+
+
+def describe_pruned(run_id: str, at: datetime) -> str:
+    return f"run {run_id}: outputs pruned by gc on {at.astimezone():%Y-%m-%d %H:%M}"
+
+
+def pruned_json(at: datetime | None) -> str | None:
+    """`pipe show --json`'s outputs_pruned_at: when gc removed the run's folder, or null."""
+    return iso_utc(at)

@@ -82,6 +82,12 @@ class ImageMemo:
         self.stages[f"{pipeline}/{name}"] = {"image_id": image_id, "context": forecast.context,
                                              "base_ids": base_ids or {}, "files": files, "ref": ref}
 
+    def forget(self, image_ids: Iterable[str]) -> None:
+        """Drop removed images: their contexts then simply miss (and rebuild)."""
+        gone = set(image_ids)
+        self.images = {k: v for k, v in self.images.items() if v not in gone}
+        self.stages = {k: v for k, v in self.stages.items() if v.get("image_id") not in gone}
+
     def last(self, pipeline: str, name: str) -> dict[str, Any]:
         entry = self.stages.get(f"{pipeline}/{name}")
         return entry if isinstance(entry, dict) else {}

@@ -200,3 +200,46 @@ def _slug(text: str) -> str:
 def _one_line(text: Any) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+def remove_unused_built_images(client: docker.DockerClient, memo_path: Path, keep: set[str],
+                               refs: Iterable[str], dry_run: bool) -> tuple[list[str], list[str], int]:
+    """gc of the images pipe built (the memo's ids): removes each that no id in `keep`, no `image:` ref in `refs`
+    and no container uses, never forcing, and forgets it in the memo. Returns (removed ids, ids kept because a
+    container or another tag holds them, bytes freed: each image's size less what it shares with others)."""
+    memo = ImageMemo.load(memo_path)
+
+    def remove() -> tuple[list[str], list[str], int]:
+        keep_ids = set(keep)
+        for ref in refs:
+            try:
+                keep_ids.add(str(client.images.get(ref).id))
+            except docker.errors.ImageNotFound:
+                continue
+        candidates = sorted({image_id for image_id in memo.images.values() if image_id not in keep_ids})
+        if not candidates:
+            return [], [], 0
+        used = {str(c.attrs.get("Image")) for c in client.containers.list(all=True, ignore_removed=True)}
+        sizes = {str(i.get("Id")): int(i.get("Size") or 0) - max(int(i.get("SharedSize") or 0), 0)
+                 for i in client.df().get("Images") or []}
+        removed, held, freed = [], [], 0
+        for image_id in candidates:
+            if image_id in used:
+                held.append(image_id)
+                continue
+            if image_id in sizes and not dry_run:
+                try:
+                    client.images.remove(image_id, force=False)
+                except docker.errors.APIError as e:
+                    if e.status_code != 409:  # 409: a container, or another tag, holds it
+                        raise
+                    held.append(image_id)
+                    continue
+            removed.append(image_id)
+            freed += sizes.get(image_id, 0)
+        if not dry_run:
+            memo.forget(removed)
+            memo.save()
+        return removed, held, freed
+
+    return engine_faults(remove)

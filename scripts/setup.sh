@@ -7,4 +7,7 @@ bash scripts/base-images.sh >/dev/null
 if ! command -v cron >/dev/null; then  # `pipe schedule install` writes crontab lines; the tests use real cron
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cron >/dev/null
 fi
+if [ "$(id -u)" = 0 ] && ! command -v mkfs.xfs >/dev/null; then  # the reflink test mounts a small XFS loop file
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

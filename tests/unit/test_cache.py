@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cache import Cache, Manifest
+from orchestrator.cache import Cache, Lookup, Manifest
 from orchestrator.cachekey import KEY_VERSION, Ingredients, explain_miss
+from orchestrator.errors import PipeError
+from orchestrator.fsops import FICLONE, clone
 from orchestrator.hashing import hash_tree
 
 IMAGE_A = "sha256:1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b"
@@ -296,21 +300,106 @@ def test_entries_lists_saved_manifests(tmp_path: Path) -> None:
 
 def test_verify_clean_cache_has_no_problems(tmp_path: Path) -> None:
     cache, _, _ = saved(tmp_path)
-    assert cache.verify() == []
+    report = cache.verify()
+    assert report.problems == ()
+    assert (report.blobs_checked, report.entries_checked) == (3, 1)
+    assert report.bytes_checked == sum(f.size for f in next(cache.entries()).files)
 
 
-def test_verify_finds_same_size_corruption_that_lookup_cannot(tmp_path: Path) -> None:
+def overwrite_in_place(path: Path, data: bytes) -> None:
+    """What root editing a restored (hard-linked) file does: same inode, same size, new bytes."""
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def test_same_size_write_in_place_is_a_miss_at_lookup(tmp_path: Path) -> None:
     cache, manifest, _ = saved(tmp_path)
     model = next(f for f in manifest.files if f.path == "model.bin")
-    blob = cache.blob_path(model)
-    blob.chmod(0o644)
-    blob.write_bytes(b"X" * model.size)
-    assert cache.lookup(manifest.key).manifest is not None  # cheap check: sizes match
-    problems = cache.verify()
-    assert problems[0].startswith(f"blob {model.digest[:12]} is corrupt")
-    assert f"cache entry {manifest.key[:12]} is damaged (blob of model.bin is missing or corrupt)" in problems
-    cache.verify(repair=True)
+    assert manifest.sealed
+    overwrite_in_place(cache.blob_path(model), b"X" * model.size)
+    lookup = cache.lookup(manifest.key)
+    assert lookup.manifest is None
+    assert lookup.problem == (f"cache entry {manifest.key[:12]} is damaged (blob of model.bin was modified after "
+                              "it was saved; `pipe cache verify` checks it)")
+
+
+def test_restored_file_written_as_root_is_caught_at_the_next_lookup(tmp_path: Path) -> None:
+    cache, manifest, _ = saved(tmp_path)
+    dest = tmp_path / "runs" / "run-2" / "train"
+    cache.restore(manifest, dest)
+    overwrite_in_place(dest / "sub" / "metrics.json", b'{"r2": 0.9}')  # a hard link here: the blob changes too
     assert cache.lookup(manifest.key).problem is not None
+
+
+def test_verify_finds_same_size_corruption_and_repair_turns_the_entry_into_a_plain_miss(tmp_path: Path) -> None:
+    cache, manifest, _ = saved(tmp_path)
+    model = next(f for f in manifest.files if f.path == "model.bin")
+    overwrite_in_place(cache.blob_path(model), b"X" * model.size)
+    report = cache.verify()
+    assert [p.kind for p in report.problems] == ["corrupt_blob", "damaged_blob"]
+    assert report.problems[0].message.startswith(f"blob {model.digest[:12]} is corrupt")
+    assert report.problems[1].message == \
+        f"cache entry {manifest.key[:12]} is damaged (blob of model.bin is missing or corrupt)"
+    assert report.problems[1].key == manifest.key
+    assert cache.blob_path(model).exists(), "verify without --repair changes nothing"
+
+    repaired = cache.verify(repair=True)
+    assert (repaired.blobs_removed, repaired.entries_removed) == (1, 1)
+    assert not cache.blob_path(model).exists()
+    assert cache.lookup(manifest.key) == Lookup(None)  # a plain miss: the stage re-runs and saves it again
+    assert cache.verify().problems == ()
+
+
+def test_touched_blob_misses_and_repair_seals_it_again(tmp_path: Path) -> None:
+    cache, manifest, _ = saved(tmp_path)
+    model = next(f for f in manifest.files if f.path == "model.bin")
+    os.utime(cache.blob_path(model))  # content intact, modification time moved
+    assert cache.lookup(manifest.key).manifest is None
+    report = cache.verify(repair=True)
+    assert [p.kind for p in report.problems] == ["moved_tag"]
+    assert (report.blobs_resealed, report.entries_removed) == (1, 0)
+    assert cache.lookup(manifest.key).manifest == manifest
+
+
+def test_save_replaces_a_blob_written_in_place_instead_of_reusing_it(tmp_path: Path) -> None:
+    cache, manifest, _ = saved(tmp_path, "run-1")
+    model = next(f for f in manifest.files if f.path == "model.bin")
+    overwrite_in_place(cache.blob_path(model), b"X" * model.size)
+    rerun = make_outputs(tmp_path / "runs" / "run-2" / "train")
+    cache.save(manifest.key, rerun, hash_tree(rerun), manifest.ingredients, "run-2", "train")
+    assert cache.blob_path(model).read_bytes() == b"weights" * 100
+    assert cache.lookup(manifest.key).manifest is not None
+    assert cache.verify().problems == ()
+
+
+def test_entries_of_an_older_pipe_are_checked_by_size_only(tmp_path: Path) -> None:
+    """Manifests written before blobs were sealed have no `sealed`: upgrading must not turn them into misses."""
+    cache, manifest, _ = saved(tmp_path)
+    path = cache.root / "entries" / manifest.key[:2] / f"{manifest.key}.json"
+    path.write_text(path.read_text().replace(', "sealed": true', ""))
+    model = next(f for f in manifest.files if f.path == "model.bin")
+    os.utime(cache.blob_path(model), ns=(0, 5))  # an unsealed blob, as an older pipe stored it
+    assert cache.lookup(manifest.key).manifest == replace(manifest, sealed=False)
+    assert cache.verify().problems == ()
+    rerun = make_outputs(tmp_path / "runs" / "run-2" / "train")
+    ing = ingredients(params={"n_estimators": 2})
+    again = cache.save(ing.key(), rerun, hash_tree(rerun), ing, "run-2", "train")
+    assert again.sealed, "the unsealed blob was replaced by the fresh file, sealed"
+
+
+def test_lookup_stays_one_stat_per_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, manifest, _ = saved(tmp_path)
+    stats: list[Path] = []
+    real = Path.stat
+
+    def counting(self: Path, **kwargs: bool) -> os.stat_result:
+        stats.append(self)
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", counting)
+    assert cache.lookup(manifest.key).manifest is not None
+    assert len(stats) == sum(1 for f in manifest.files if f.link is None)
 
 
 def test_gc_removes_unkept_entries_and_keeps_referenced_blobs(tmp_path: Path) -> None:
@@ -324,7 +413,11 @@ def test_gc_removes_unkept_entries_and_keeps_referenced_blobs(tmp_path: Path) ->
 
     preview = cache.gc({kept.key}, dry_run=True)
     assert (preview.entries_removed, preview.entries_kept, preview.blobs_removed) == (1, 1, 1)
-    assert preview.bytes_removed == len(b"only here")
+    assert preview.blob_bytes == len(b"only here")
+    manifest_file = cache.root / "entries" / dropped.key[:2] / f"{dropped.key}.json"
+    other = (out2 / "other.bin").stat()
+    assert (preview.bytes_freed, preview.bytes_still_linked) == \
+        (manifest_file.stat().st_blocks * 512, other.st_blocks * 512), "run-2 still links other.bin's blob"
     assert preview.removed_keys == (dropped.key,)
     assert cache.lookup(dropped.key).manifest is not None  # dry run removed nothing
 
@@ -332,7 +425,7 @@ def test_gc_removes_unkept_entries_and_keeps_referenced_blobs(tmp_path: Path) ->
     assert report == preview
     assert cache.lookup(dropped.key).manifest is None
     assert cache.lookup(kept.key).manifest is not None
-    assert cache.verify() == []
+    assert cache.verify().problems == ()
 
 
 def test_gc_with_nothing_kept_empties_the_cache(tmp_path: Path) -> None:
@@ -340,6 +433,31 @@ def test_gc_with_nothing_kept_empties_the_cache(tmp_path: Path) -> None:
     report = cache.gc(set())
     assert (report.entries_removed, report.blobs_removed) == (1, 3)
     assert list((cache.root / "blobs").glob("*/*")) == []
+
+
+def blocks(paths: list[Path]) -> int:
+    return sum(p.lstat().st_blocks * 512 for p in paths)
+
+
+def test_gc_reports_only_what_the_disk_gets_back(tmp_path: Path) -> None:
+    """Issue 14 #16: gc said "5.4 MiB" while every blob stayed hard-linked from a run folder."""
+    cache, _, out = saved(tmp_path)
+    files = [p for p in cache.root.rglob("*") if p.is_file()]
+    report = cache.gc(set(), dry_run=True)
+    assert report.blob_bytes == (b"weights" * 100).__len__() + len('{"r2": 0.5}') + len("#!/bin/sh\n")
+    manifests = [p for p in files if p.suffix == ".json"]
+    assert report.bytes_freed == blocks(manifests), "the blobs stay: the run folder links every one"
+    assert report.bytes_still_linked == blocks([p for p in files if p not in manifests])
+
+    everything = blocks(files)
+    runner_remove(out)  # the run folder goes: now the blobs' last links go with the cache
+    assert cache.gc(set()).bytes_freed == everything
+
+
+def runner_remove(out: Path) -> None:
+    for path in sorted(out.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    out.rmdir()
 
 
 def test_gc_removes_stale_temporary_files_only(tmp_path: Path) -> None:
@@ -363,3 +481,51 @@ def test_gc_removes_temporary_files_older_than_the_limit(
     cache.gc({manifest.key})
     assert not stale.exists()
     assert cache.lookup(manifest.key).manifest is not None
+
+
+# ---- reflinks and their fallback ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY])
+def test_restore_falls_back_to_hard_links_where_reflinks_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    cache, manifest, _ = saved(tmp_path)
+    asked: list[int] = []
+
+    def refuse(fd: int, request: int, arg: int) -> None:
+        asked.append(request)
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(fcntl, "ioctl", refuse)
+    restorer = Cache(cache.root)
+    dest = tmp_path / "runs" / "run-2" / "train"
+    restorer.restore(manifest, dest)
+    assert asked == [FICLONE], "asked once, then no more for this cache"
+    assert hash_tree(dest).digest == manifest.digest
+    for entry in manifest.files:
+        if entry.link is None:
+            assert (dest / entry.path).stat().st_ino == cache.blob_path(entry).stat().st_ino
+    assert [p.name for p in dest.rglob(".*")] == [], "a refused clone leaves no file behind"
+
+
+def test_a_clone_failing_otherwise_is_an_error_naming_the_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, manifest, _ = saved(tmp_path)
+
+    def broken(fd: int, request: int, arg: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "ioctl", broken)
+    with pytest.raises(PipeError, match=f"cannot restore cache entry {manifest.key[:12]} of train"):
+        Cache(cache.root).restore(manifest, tmp_path / "dest")
+
+
+def test_clone_on_this_file_system_or_a_clean_refusal(tmp_path: Path) -> None:
+    """Unpatched: tmp_path's own file system either clones (a new inode, same bytes) or refuses leaving nothing."""
+    (tmp_path / "a").write_bytes(b"abc" * 1000)
+    if clone(tmp_path / "a", tmp_path / "b", 0o444):
+        assert (tmp_path / "b").read_bytes() == b"abc" * 1000
+        assert (tmp_path / "b").stat().st_ino != (tmp_path / "a").stat().st_ino
+        assert (tmp_path / "b").stat().st_mode & 0o777 == 0o444
+    else:
+        assert not (tmp_path / "b").exists()

@@ -10,8 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 LAYER = {
     "errors": 0, "units": 0,
     "spec": 1, "executor": 1, "results": 1, "events": 1, "hashing": 1, "store.records": 1, "metrics": 1, "hostfiles": 1,
+    "fsops": 1,
     "yamlfile": 2, "loader": 2, "overrides": 2, "plan": 2, "cron": 2, "cachekey": 2, "cache": 2, "state": 2,
-    "imageplan": 2,
+    "imageplan": 2, "prune": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "crontab": 3, "runner": 3, "decide": 3,
     "recorder": 3, "backend": 3,
