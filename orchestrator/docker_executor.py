@@ -25,7 +25,9 @@ from docker.types import Mount as DockerMount
 from orchestrator.errors import EngineError
 from orchestrator.executor import (
     DISK_FULL,
+    LABEL_HOST,
     LABEL_MANAGED,
+    LABEL_PID,
     LABEL_PIPELINE,
     LABEL_RUN,
     ContainerSpec,
@@ -408,6 +410,27 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
             f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
         ) from e
     return sorted(dead)
+
+
+def kill_process_containers(pid: int, base_url: str | None = None) -> int:
+    """Kill (SIGKILL) every running container that process `pid` of this host started; how many. For a second
+    Ctrl-C, from a signal handler that cannot reach the process's executors: the labels say whose each is. The
+    executors' run() calls then return (CANCELLED, as stop_all marked them) and remove their containers."""
+    client = connect(base_url)
+    try:
+        rows = client.api.containers(filters={"label": [
+            LABEL_MANAGED, f"{LABEL_PID}={pid}", f"{LABEL_HOST}={os.uname().nodename}",
+        ]})
+        for row in rows:
+            with suppress(docker.errors.APIError):  # it ended meanwhile
+                client.api.kill(row["Id"])
+        return len(rows)
+    except ENGINE_FAULTS as e:
+        raise EngineError(
+            f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
+        ) from e
+    finally:
+        client.close()
 
 
 def _stop(container: Container) -> None:
