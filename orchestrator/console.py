@@ -255,7 +255,7 @@ class LiveReporter:
                         self._console.print(Text(f"  {line.rstrip()}", style="dim"))
             except OSError:
                 pass  # the error line names the file anyway
-        self._console.print(Text(describe_build(event), style="red" if event.log_path else ""))
+        self._console.print(Text(describe_build(event), style="red" if event.log_path else ""), soft_wrap=True)
 
     def _print_failures(self) -> None:
         with self._lock:
@@ -268,7 +268,7 @@ class LiveReporter:
                     self._console.print(Text(f"  {line}"))
             else:
                 self._console.print(Text("  (it printed nothing)", style="dim"))
-            self._console.print(Text(logs_hint(self._run_id, name), style="bold"))
+            self._console.print(Text(logs_hint(self._run_id, name), style="bold"), soft_wrap=True)
 
     def _render(self) -> Group:
         now = time.monotonic()
