@@ -248,7 +248,7 @@ class LiveReporter:
             self._console.print(Text(describe_build(event), style="dim"))
             return
         if event.log_path is not None:  # failed: its whole output, then where it is kept
-            self._console.print(Text(f"{event.stage}: image build failed: {event.reason}", style="bold red"))
+            self._console.print(Text(f"{event.stage}: image build failed; its output:", style="bold red"))
             try:
                 with open(event.log_path, encoding="utf-8", errors="replace") as f:
                     for line in f:
