@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
-from orchestrator.events import Reporter, RunFinished, RunStarted
+from orchestrator.events import NullReporter, Reporter, RunFinished, RunStarted
 from orchestrator.overrides import apply_overrides, parse_overrides
 from orchestrator.plan import Plan, Selection, build_plan
-from orchestrator.results import RunStatus, RunSummary, StageResult
+from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
 from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, TickInfo
@@ -113,9 +113,10 @@ def read_store(loaded: Loaded) -> Iterator[Store]:
         store.close()
 
 
-def validate(target: Target, check_images: bool = True, docker_url: str | None = None) -> Pipeline:
-    """Load and check a file (and, with the engine, its GPUs and that its images exist or build) without running
-    any stage."""
+def validate(target: Target, check_images: bool = True, docker_url: str | None = None,
+             reporter: Reporter | None = None) -> Pipeline:
+    """Load and check a file (and, with the engine, its GPUs and that its images exist or build, reporting
+    builds) without running any stage."""
     loaded = load(target)
     build_plan(loaded.pipeline)
     loader.resolve_secrets(loaded.pipeline, os.environ)
@@ -125,7 +126,7 @@ def validate(target: Target, check_images: bool = True, docker_url: str | None =
         backend = DockerBackend(docker_url)
         check_gpus(loaded.pipeline, loaded.pipeline.stages, backend)
         backend.resolve_images(loaded.pipeline, loaded.pipeline.stages, loaded.state.ensure().images_memo,
-                               lambda s, l: None, None)
+                               (reporter or NullReporter()).emit, None)
     return loaded.pipeline
 
 
@@ -258,7 +259,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         backend.sweep(str(state.root), is_alive=store.run_alive)
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
         memo = store.hash_memo()
-        image_ids = backend.resolve_images(pipeline, order, state.images_memo, reporter_build(reporter), memo)
+        image_ids = backend.resolve_images(pipeline, order, state.images_memo, reporter.emit, memo)
         input_digests = hash_inputs(pipeline, order, memo)
         run_id = _begin_run(store, prepared, request)
         store.lease(run_id)  # renewed until finish_run, or until open_store closes the store
@@ -344,12 +345,6 @@ def summarize(run_id: str, results: dict[str, StageResult], cancel: Cancel | Non
     return RunSummary(run_id, RunStatus.FAILED, results, ExitCode.FAILED)
 
 
-def reporter_build(reporter: Reporter) -> Any:
-    from orchestrator.events import StageOutput
-
-    return lambda stage, line: reporter.emit(StageOutput(f"{stage} (build)", line))
-
-
 def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, Any]:
     """For `--stage`/`--from`: outputs of upstream stages that this run does not execute, from earlier runs."""
     from orchestrator.runner import Upstream
@@ -422,18 +417,86 @@ def show_run(target: Target, run: str) -> RunInfo:
         return store.get_run(run, loaded.pipeline.display_name)
 
 
-def log_path(target: Target, run: str, stage: str) -> tuple[RunInfo, Path]:
-    info = show_run(target, run)
-    for s in info.stages:
-        if s.stage == stage and s.log_path:
-            if not Path(s.log_path).exists() and (at := pruned_at(target, info.id)) is not None:
-                from orchestrator.errors import NotFound
+@dataclass(frozen=True)
+class StageLog:
+    """Where a stage's log is: `run` is the run asked for; `stage` (and `origin`, with --origin) say whose log
+    `path` is: a cached stage's log is that of the run whose outputs it restored."""
 
-                raise NotFound(f"run {info.id}: outputs pruned by gc on {at.astimezone():%Y-%m-%d %H:%M}")
-            return info, Path(s.log_path)
+    run: RunInfo
+    stage: StageRunInfo
+    path: Path
+    origin: str | None = None
+
+
+def log_path(target: Target, run: str, stage: str, origin: bool = False) -> StageLog:
+    """The log of `stage` in `run`; with `origin`, a cached stage's log in the run it was restored from. NotFound
+    names the closest stage for a typo, and for a cached stage the run to look at."""
+    import difflib
+
     from orchestrator.errors import NotFound
 
-    raise NotFound(f"run {info.id} has no log for stage {stage!r} (it was cached, skipped, or never started)")
+    loaded = load(target)
+    with read_store(loaded) as store:
+        info = store.get_run(run, loaded.pipeline.display_name)
+        found = {s.stage: s for s in info.stages}
+        if stage not in found:
+            names = sorted(set(found) | set(loaded.pipeline.stages))
+            close = difflib.get_close_matches(stage, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; its stages: {', '.join(sorted(found)) or 'none'}"
+            raise NotFound(f"run {info.id} has no stage {stage!r}{hint}")
+        this = found[stage]
+        if this.status is StageStatus.CACHED and this.cached_from:
+            if not origin:
+                raise NotFound(
+                    f"stage {stage} of run {info.id} was cached: its outputs were restored from run "
+                    f"{this.cached_from}; `pipe logs {info.id} {stage} --origin` shows that run's log"
+                )
+            source = store.get_run(this.cached_from, loaded.pipeline.display_name)
+            ran = next((s for s in source.stages if s.stage == stage and s.log_path), None)
+            if ran is None:
+                raise NotFound(f"run {source.id}, which stage {stage} was restored from, has no log for it")
+            return StageLog(info, ran, Path(ran.log_path or ""), source.id)
+    if not this.log_path:
+        why = f": {this.reason}" if this.reason else ""
+        raise NotFound(f"stage {stage} of run {info.id} has no log (it never started{why})")
+    if not Path(this.log_path).exists() and (at := pruned_at(target, info.id)) is not None:
+        raise NotFound(f"run {info.id}: outputs pruned by gc on {at.astimezone():%Y-%m-%d %H:%M}")
+    return StageLog(info, this, Path(this.log_path))
+
+
+def follow_log(target: Target, log: StageLog, poll_s: float = 0.3) -> Iterator[bytes]:
+    """The lines of `log` (bytes, each with its newline but maybe the last), then, while its stage still runs,
+    each line it gains (`pipe logs -f`). Opens the store once. NotFound when there is no file to read."""
+    import time
+
+    from orchestrator.errors import NotFound
+
+    loaded = load(target)
+    run_id = log.origin or log.run.id
+    with read_store(loaded) as store:
+
+        def running() -> bool:
+            return _stage_running(store.get_run(run_id, loaded.pipeline.display_name), log.stage.stage)
+
+        while not log.path.exists() and running():
+            time.sleep(poll_s)  # started, but its container has not written the log yet
+        if not log.path.exists():
+            raise NotFound(f"stage {log.stage.stage} of run {run_id} has no log file at {log.path}")
+        with open(log.path, "rb") as f:
+            partial = b""
+            while True:
+                chunk = f.read(1 << 16)
+                if chunk:
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    yield from (line + b"\n" for line in lines)
+                elif running():
+                    time.sleep(poll_s)
+                else:
+                    rest = partial + f.read()  # what it wrote between the last read and its end
+                    yield from (line + b"\n" for line in rest.split(b"\n")[:-1])
+                    if rest and not rest.endswith(b"\n"):
+                        yield rest.rsplit(b"\n", 1)[-1]
+                    return
 
 
 def metric_history(target: Target, limit: int) -> list[MetricPoint]:
@@ -506,7 +569,10 @@ def _engine_if_up() -> Backend | None:
 
 
 def stage_running(target: Target, run_id: str, stage: str) -> bool:
-    info = show_run(target, run_id)
+    return _stage_running(show_run(target, run_id), stage)
+
+
+def _stage_running(info: RunInfo, stage: str) -> bool:
     return info.status == RunStatus.RUNNING and any(s.stage == stage and s.status is None for s in info.stages)
 
 

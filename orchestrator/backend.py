@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator.events import Event
 from orchestrator.executor import Executor
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
 from orchestrator.spec import Pipeline
 
-BuildOutput = Callable[[str, str], None]  # (stage, line)
+BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 
 
 class Backend(Protocol):
@@ -26,7 +27,7 @@ class Backend(Protocol):
         """What image each stage would run, building, pulling and writing nothing (dry run)."""
         ...
 
-    def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_output: BuildOutput,
+    def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_event: BuildEvents,
                        hash_memo: HashMemo | None) -> dict[str, str]:
         """stage -> immutable image id, building or pulling what the forecast says is missing."""
         ...
@@ -58,11 +59,11 @@ class DockerBackend:
 
         return images.forecast_images(pipeline, stages, self._client, memo_path, hash_memo)
 
-    def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_output: BuildOutput,
+    def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_event: BuildEvents,
                        hash_memo: HashMemo | None) -> dict[str, str]:
         from orchestrator import images
 
-        return images.resolve_images(pipeline, stages, self._client, memo_path, on_output, hash_memo)
+        return images.resolve_images(pipeline, stages, self._client, memo_path, on_event, hash_memo)
 
     def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
         from orchestrator import docker_executor

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -14,6 +14,7 @@ import typer
 
 from orchestrator import api, console
 from orchestrator.errors import ExitCode, NotFound, PipeError, UsageError
+from orchestrator.events import BuildFinished, BuildStarted, RunStarted
 from orchestrator.plan import Selection
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -78,28 +79,69 @@ def run(
     # with --json, stdout carries the summary alone: progress lines go to stderr
     reporter = console.make_reporter(sys.stderr if json_out else None, live=False if (plain or json_out) else None)
     cancel = api.Cancel()
-    restore = _install_signal_handlers(cancel)
+    phase = _Phase(reporter)
+    restore = _install_signal_handlers(cancel, phase)
     try:
-        summary = api.run_pipeline(request, reporter, cancel)
+        summary = api.run_pipeline(request, phase, cancel)
+    except Interrupted as e:  # typer would turn a KeyboardInterrupt into exit 130, also for SIGTERM
+        console.error("interrupted before any stage started" if not phase.started else "interrupted")
+        raise typer.Exit(int(e.exit_code)) from None
     finally:
         restore()
     if json_out:
         console.print_json({"run_id": summary.run_id, "status": summary.status, "exit_code": int(summary.exit_code),
                             "stages": {n: console.result_json(r) for n, r in summary.results.items()}})
-    else:
+    elif not reporter.shows_summary:  # the live view's last frame is the summary: print it once
         console.print_summary(summary)
     raise typer.Exit(int(summary.exit_code))
 
 
-def _install_signal_handlers(cancel: api.Cancel) -> Any:
-    """First SIGINT/SIGTERM: cancel cleanly (containers stopped, outputs discarded). Second: stop waiting."""
+class Interrupted(KeyboardInterrupt):
+    """Raised by the signal handler where stopping at once is clean; `run` exits with `exit_code`."""
+
+    def __init__(self, exit_code: ExitCode) -> None:
+        super().__init__()
+        self.exit_code = exit_code
+
+
+class _Phase:
+    """Passes events on to the console, noting what the signal handler needs: whether an image build runs, and
+    whether the run's stages have started (before that no container runs: Ctrl-C stops at once)."""
+
+    def __init__(self, reporter: Any) -> None:
+        self.reporter, self.building, self.started = reporter, 0, False
+
+    def emit(self, event: Any) -> None:
+        if isinstance(event, BuildStarted):
+            self.building += 1
+        elif isinstance(event, BuildFinished):
+            self.building -= 1
+        elif isinstance(event, RunStarted):
+            self.started = True
+        self.reporter.emit(event)
+
+
+def _install_signal_handlers(cancel: api.Cancel, phase: _Phase) -> Any:
+    """SIGINT/SIGTERM during an image build, or before any stage starts: stop now (the build's container is
+    removed on the way out). Once stages run, the first cancels cleanly (containers stopped with a grace
+    period, outputs discarded, the run recorded cancelled); the second stops waiting: the process's containers
+    are killed, so the run ends within about a second; a third raises at once."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    count = 0
 
     def handle(signum: int, frame: Any) -> None:
-        if cancel.event.is_set():
-            raise KeyboardInterrupt
-        console.warn("cancelling: stopping running stages (again to force)")
-        cancel.set(ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED)
+        nonlocal count
+        count += 1
+        code = ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED
+        if phase.building or not phase.started or count > 2:
+            cancel.set(code)
+            raise Interrupted(code)
+        if count == 1:
+            console.warn("cancelling: stopping running stages (again to kill them)")
+            cancel.set(code)
+            return
+        console.warn("killing running stages")
+        threading.Thread(target=_kill_containers, name="pipe-kill", daemon=True).start()
 
     for sig in previous:
         signal.signal(sig, handle)
@@ -154,7 +196,8 @@ def validate(
     """Check the pipeline file (and that its images exist or build) without running anything."""
     target = _target(pipeline, state_dir, None)
     if not json_out:
-        spec = api.validate(target, check_images=not no_images)
+        # builds are reported on stderr (a live line per image on a terminal), so stdout keeps the verdict alone
+        spec = api.validate(target, check_images=not no_images, reporter=console.make_reporter(sys.stderr))
         typer.echo(f"{pipeline}: ok ({console.plural(len(spec.stages), 'stage')})")
         return
     report = api.validate_all(target, check_images=not no_images)
@@ -221,27 +264,30 @@ def logs(
     stage: Annotated[str, typer.Argument()],
     pipeline: PipelineArg = DEFAULT_FILE,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow a running stage.")] = False,
+    origin: Annotated[bool, typer.Option("--origin", help="A cached stage: the log of the run it came from.")]
+    = False,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Print a stage's stored log."""
     target = _target(pipeline, state_dir, db)
-    info, path = api.log_path(target, run_id, stage)
-    while follow and not path.exists() and api.stage_running(target, info.id, stage):
-        time.sleep(0.3)  # started, but its container has not written the log yet
-    if not path.exists():
-        raise NotFound(f"stage {stage} of run {info.id} has no log file at {path}")
-    with open(path, "rb") as f:
-        sys.stdout.buffer.write(f.read())
+    log = api.log_path(target, run_id, stage, origin=origin)
+    if log.origin:
+        console.note(f"stage {stage} of run {log.run.id} was restored from run {log.origin}; its log:")
+    if follow:
+        lines: Any = api.follow_log(target, log)
+    else:
+        try:
+            lines = [log.path.read_bytes()]
+        except FileNotFoundError:
+            raise NotFound(f"stage {stage} of run {log.origin or log.run.id} has no log file at {log.path}") from None
+    printed = False
+    for line in lines:
+        sys.stdout.buffer.write(line)
         sys.stdout.flush()
-        while follow and api.stage_running(target, info.id, stage):
-            chunk = f.read()
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.3)
-        sys.stdout.buffer.write(f.read())
+        printed = printed or bool(line)
+    if not printed:
+        console.note(console.empty_log_note(log.stage, log.origin or log.run.id))
 
 
 @app.command()
@@ -419,6 +465,15 @@ def main() -> NoReturn:
             console.error(e.code)
         _leave(1 if isinstance(e.code, str) else int(e.code or 0))
     _leave(0)
+
+
+def _kill_containers() -> None:
+    from orchestrator import docker_executor  # loaded already: a run is under way
+
+    try:
+        docker_executor.kill_process_containers(os.getpid())
+    except PipeError as e:
+        console.error(str(e))
 
 
 def _leave(code: int) -> NoReturn:

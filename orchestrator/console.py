@@ -18,6 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.events import (
+    BuildFinished,
+    BuildProgress,
+    BuildStarted,
     Event,
     Notice,
     RunFinished,
@@ -48,6 +51,21 @@ def error(message: str) -> None:
 
 def warn(message: str) -> None:
     _err.print(Text(f"warning: {message}", style="yellow" if _err.is_terminal else ""))
+
+
+def note(message: str) -> None:
+    """A remark on stderr, so that stdout carries only what was asked for (a log, JSON)."""
+    _err.print(Text(message, style="dim" if _err.is_terminal else ""))
+
+
+def empty_log_note(stage: StageRunInfo, run_id: str) -> str:
+    """What an empty log means: a stage that died before it wrote anything (an OOM kill) says so."""
+    if stage.status is None:
+        return f"stage {stage.stage} of run {run_id} has printed nothing yet"
+    why = f"; it {stage.status.value}: {stage.reason.removeprefix(stage.status.value + ': ')}" if stage.reason else ""
+    if stage.reason.startswith("killed: out of memory"):
+        why = f"; it was {stage.reason}, before it wrote anything"
+    return f"stage {stage.stage} of run {run_id} printed nothing{why}"
 
 
 def print_json(value: Any) -> None:
@@ -88,13 +106,25 @@ def make_reporter(stream: TextIO | None = None, live: bool | None = None) -> Pla
     stream = stream or sys.stdout
     if live is None:
         live = stream.isatty()
-    return LiveReporter() if live else PlainReporter(stream)
+    return LiveReporter(Console(file=stream) if stream is not sys.stdout else None) if live else PlainReporter(stream)
+
+
+FAILURE_TAIL_LINES = 20  # of a failed stage's output, shown under the final table
+
+
+def logs_hint(run_id: str, stage: str) -> str:
+    return f"full log: pipe logs {run_id} {stage}"
 
 
 class PlainReporter:
+    """One timestamped line per event; the caller prints the summary table after the run."""
+
+    shows_summary = False
+
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self._run_id = ""
 
     def _line(self, text: str) -> None:
         stamp = datetime.now(UTC).astimezone().strftime("%H:%M:%S")
@@ -105,6 +135,7 @@ class PlainReporter:
     def emit(self, event: Event) -> None:
         match event:
             case RunStarted(run_id=run_id, pipeline=name, stages=stages):
+                self._run_id = run_id
                 self._line(f"run {run_id} of {name}: {len(stages)} stage(s)")
             case StagePlanned(stage=stage, will_run=True, reasons=reasons):
                 self._line(f"{stage}: runs: {', '.join(reasons)}")
@@ -114,10 +145,16 @@ class PlainReporter:
                 self._line(f"{stage}: attempt {attempt - 1} failed ({reason}); retrying in {delay:.1f}s")
             case StageFinished(result=result):
                 self._line(describe_result(result))
+                if result.status is StageStatus.FAILED and result.log_path and self._run_id:
+                    self._line(f"{result.stage}: {logs_hint(self._run_id, result.stage)}")
             case RunFinished(summary=summary):
                 self._line(f"run {summary.run_id} {summary.status} (exit {int(summary.exit_code)})")
             case Notice(message=message):
                 self._line(f"warning: {message}")
+            case BuildStarted(stage=stage, context=context):
+                self._line(f"{stage}: building image from {context}")
+            case BuildFinished():
+                self._line(describe_build(event))
 
 
 def describe_result(result: StageResult) -> str:
@@ -128,24 +165,47 @@ def describe_result(result: StageResult) -> str:
     return f"{result.stage}: {result.status}{reason}{took}"
 
 
+def describe_build(event: BuildFinished) -> str:
+    took = format_duration(event.duration_s)
+    if event.ok:
+        return f"{event.stage}: image built in {took}"
+    if event.log_path is None:
+        return f"{event.stage}: image build {event.reason or 'stopped'} after {took}"
+    return f"{event.stage}: image build failed after {took}; full log: {event.log_path}"
+
+
 @dataclass
 class _Row:
     status: str = "queued"
     reason: str = ""
     started: float | None = None
     took: float | None = None
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=3))
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=3))  # shown while it runs
+    last: deque[str] = field(default_factory=lambda: deque(maxlen=FAILURE_TAIL_LINES))  # shown if it fails
+
+
+@dataclass
+class _Build:
+    started: float = field(default_factory=time.monotonic)
+    step: int = 0
+    total: int = 0
 
 
 class LiveReporter:
-    """Stages queued, running (elapsed), cached, done, failed, and the tail of the running stages' logs."""
+    """Images being built (one line each), then stages queued, running (elapsed), cached, done, failed, and the
+    tail of the running stages' logs. The last frame is the run's summary; under it, the end of each failed
+    stage's output. Everything that comes from a stage, a file or the engine is rendered as Text, never markup."""
 
-    def __init__(self) -> None:
+    shows_summary = True
+
+    def __init__(self, console: Console | None = None) -> None:
         self._rows: dict[str, _Row] = {}
+        self._builds: dict[str, _Build] = {}
         self._lock = threading.Lock()
-        self._console = Console()
+        self._console = console or Console()
         self._live: Live | None = None
         self._title = ""
+        self._run_id = ""
 
     def emit(self, event: Event) -> None:
         # Live's refresh thread renders under self._lock: start and stop it outside the lock, or stop() would
@@ -153,23 +213,46 @@ class LiveReporter:
         match event:
             case RunStarted(run_id=run_id, pipeline=name, stages=stages):
                 with self._lock:
-                    self._title = f"run {run_id} of {name}"
+                    self._title, self._run_id = f"run {run_id} of {name}", run_id
                     self._rows = {s: _Row() for s in stages}
-                self._live = Live(get_renderable=self._render, console=self._console, refresh_per_second=4)
-                self._live.start()
+                self._start()
             case RunFinished():
-                if self._live is not None:
-                    self._live.stop()
-                    self._live = None
+                self._stop()
+                self._print_failures()
+            case BuildStarted(stage=stage):
+                with self._lock:
+                    self._builds[stage] = _Build()
+                self._start()
+            case BuildProgress(stage=stage, step=step, total=total):
+                with self._lock:
+                    build = self._builds.setdefault(stage, _Build())
+                    build.step, build.total = step, total
+            case BuildFinished():
+                with self._lock:
+                    self._builds.pop(event.stage, None)
+                    idle = not self._builds and not self._rows
+                self._print_build(event)
+                if idle:
+                    self._stop()
             case Notice(message=message):
                 self._console.print(Text(f"warning: {message}", style="yellow"))
             case StagePlanned(stage=stage, will_run=will_run, reasons=reasons) if stage not in self._rows:
-                self._console.print(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}")  # dry run
+                self._console.print(Text(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}"))
             case StageOutput(stage=stage, line=line) if stage not in self._rows:
-                self._console.print(Text(f"{stage} | {line.rstrip()}", style="dim"))  # image builds
+                self._console.print(Text(f"{stage} | {line.rstrip()}", style="dim"))
             case _:
                 with self._lock:
                     self._update(event)
+
+    def _start(self) -> None:
+        if self._live is None:
+            self._live = Live(get_renderable=self._render, console=self._console, refresh_per_second=4)
+            self._live.start()
+
+    def _stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()  # its last frame stays on the screen
+            self._live = None
 
     def _update(self, event: Event) -> None:
         match event:
@@ -178,8 +261,11 @@ class LiveReporter:
             case StageStarted(stage=stage):
                 row = self._rows.setdefault(stage, _Row())
                 row.status, row.started = "running", time.monotonic()
+                row.last.clear()  # a retry: the failure shown is the last attempt's
             case StageOutput(stage=stage, line=line):
-                self._rows[stage].tail.append(line.rstrip()[:160])
+                row = self._rows[stage]
+                row.tail.append(line.rstrip()[:160])
+                row.last.append(line.rstrip())
             case StageRetrying(stage=stage, attempt=attempt, reason=reason):
                 self._rows[stage].reason = f"retry {attempt}: {reason}"
             case StageFinished(result=result):
@@ -189,21 +275,55 @@ class LiveReporter:
                     row.reason = result.reason
                 row.tail.clear()
 
+    def _print_build(self, event: BuildFinished) -> None:
+        if event.ok:
+            self._console.print(Text(describe_build(event), style="dim"))
+            return
+        if event.log_path is not None:  # failed: its whole output, then where it is kept
+            self._console.print(Text(f"{event.stage}: image build failed; its output:", style="bold red"))
+            try:
+                with open(event.log_path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        self._console.print(Text(f"  {line.rstrip()}", style="dim"))
+            except OSError:
+                pass  # the error line names the file anyway
+        self._console.print(Text(describe_build(event), style="red" if event.log_path else ""), soft_wrap=True)
+
+    def _print_failures(self) -> None:
+        with self._lock:
+            failed = [(name, row) for name, row in self._rows.items() if row.status == StageStatus.FAILED.value]
+        for name, row in failed:
+            self._console.print(Text(f"{name} failed: {row.reason}", style="bold red"))
+            if row.last:
+                self._console.print(Text(f"last {len(row.last)} line(s) of its output:", style="dim"))
+                for line in row.last:
+                    self._console.print(Text(f"  {line}"))
+            else:
+                self._console.print(Text("  (it printed nothing)", style="dim"))
+            self._console.print(Text(logs_hint(self._run_id, name), style="bold"), soft_wrap=True)
+
     def _render(self) -> Group:
-        table = Table(title=self._title, title_justify="left", expand=False, box=None, padding=(0, 1))
-        for col in ("stage", "status", "time", "why"):
-            table.add_column(col)
-        tails: list[Text] = []
         now = time.monotonic()
         with self._lock:
+            builds = [
+                Text(f"building {name}: " + (f"step {b.step}/{b.total}, " if b.total else "")
+                     + f"{int(now - b.started)} s", style="blue")
+                for name, b in self._builds.items()
+            ]
+            if not self._rows:
+                return Group(*builds)
+            table = Table(title=self._title, title_justify="left", expand=False, box=None, padding=(0, 1))
+            for col in ("stage", "status", "time", "why"):
+                table.add_column(col)
+            tails: list[Text] = []
             for name, row in self._rows.items():
                 took = row.took if row.took is not None else (now - row.started if row.started else None)
                 table.add_row(
-                    name, Text(row.status, style=STYLE.get(row.status, "")),
-                    format_duration(took) if took is not None else "", row.reason[:80],
+                    Text(name), Text(row.status, style=STYLE.get(row.status, "")),
+                    format_duration(took) if took is not None else "", Text(row.reason[:80]),
                 )
                 tails += [Text(f"  {name} | {line}", style="dim") for line in row.tail]
-        return Group(table, *tails)
+        return Group(*builds, table, *tails)
 
 
 # ---- history views ----------------------------------------------------------------------------------------------
@@ -212,7 +332,7 @@ class LiveReporter:
 def _table(*columns: str) -> Table:
     table = Table(box=None, padding=(0, 1), show_edge=False)
     for col in columns:
-        table.add_column(col)
+        table.add_column(Text(col))  # metric names come from a stage's file
     return table
 
 
@@ -239,7 +359,7 @@ def print_summary(summary: RunSummary) -> None:
     for result in summary.results.values():
         table.add_row(
             result.stage, Text(result.status.value, style=STYLE.get(result.status.value, "")),
-            _dur(result.duration_s), result.reason,
+            _dur(result.duration_s), Text(result.reason),
         )
     _out().print(table)
 
@@ -250,7 +370,7 @@ def print_stages(stages: tuple[StageRunInfo, ...], title: str) -> None:
         table.add_row(
             s.stage, Text(_status(s), style=STYLE.get(_status(s), "")), _dur(s.duration_s),
             format_bytes(s.peak_memory_bytes) if s.peak_memory_bytes else "",
-            _dur(s.cpu_seconds), "" if s.exit_code is None else str(s.exit_code), s.reason or "",
+            _dur(s.cpu_seconds), "" if s.exit_code is None else str(s.exit_code), Text(s.reason or ""),
         )
     console = _out()
     console.print(Text(title, style="bold"))
@@ -270,7 +390,7 @@ def print_runs(runs: list[RunInfo]) -> None:
         for s in run.stages:
             counts[_status(s)] = counts.get(_status(s), 0) + 1
         table.add_row(
-            run.id, Text(run.status, style=STYLE.get(run.status, "")), run.trigger, _ago(run.started_at),
+            run.id, Text(run.status, style=STYLE.get(run.status, "")), Text(run.trigger), _ago(run.started_at),
             _dur(took), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
         )
     _out().print(table)
@@ -283,11 +403,11 @@ def print_run(run: RunInfo) -> None:
         if s.artifacts:
             console.print(Text(f"{s.stage} outputs ({s.outputs_path}):", style="bold"))
             for a in s.artifacts:
-                console.print(f"  {a.path}  {format_bytes(a.size)}  {a.digest[:12]}")
+                console.print(Text(f"  {a.path}  {format_bytes(a.size)}  {a.digest[:12]}"))
         if s.metrics:
             console.print(Text(f"{s.stage} metrics:", style="bold"))
             for key, value in sorted(s.metrics.items()):
-                console.print(f"  {key} = {value:.6g}")
+                console.print(Text(f"  {key} = {value:.6g}"))
 
 
 def metrics_by_run(points: list[MetricPoint]) -> dict[str, dict[str, float]]:
@@ -339,7 +459,7 @@ def print_schedule(report: Any) -> None:
     table = _table("tick (UTC)", "action", "run", "reason")
     for tick in report.ticks:
         table.add_row(f"{tick.due_at:%Y-%m-%d %H:%M}", Text(tick.action, style=STYLE.get(tick.action, "")),
-                      tick.run_id or "", tick.reason)
+                      tick.run_id or "", Text(tick.reason))
     console.print(Text("latest ticks:", style="bold"))
     console.print(table)
 
@@ -389,7 +509,7 @@ def print_status(report: Any) -> None:
     console = _out()
     run: RunInfo | None = report.run
     if run is None:
-        console.print(f"{report.pipeline.display_name}: no runs yet")
+        console.print(Text(f"{report.pipeline.display_name}: no runs yet"))
     else:
         print_stages(run.stages, run_title(run))
     console.print(Text("next run:", style="bold"))

@@ -441,6 +441,27 @@ def _starter_alive(labels: Mapping[str, str]) -> bool:
     return True
 
 
+def kill_process_containers(pid: int, base_url: str | None = None) -> int:
+    """Kill (SIGKILL) every running container that process `pid` of this host started; how many. For a second
+    Ctrl-C, from a signal handler that cannot reach the process's executors: the labels say whose each is. The
+    executors' run() calls then return (CANCELLED, as stop_all marked them) and remove their containers."""
+    client = connect(base_url)
+    try:
+        rows = client.api.containers(filters={"label": [
+            LABEL_MANAGED, f"{LABEL_PID}={pid}", f"{LABEL_HOST}={os.uname().nodename}",
+        ]})
+        for row in rows:
+            with suppress(docker.errors.APIError):  # it ended meanwhile
+                client.api.kill(row["Id"])
+        return len(rows)
+    except ENGINE_FAULTS as e:
+        raise EngineError(
+            f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
+        ) from e
+    finally:
+        client.close()
+
+
 def _stop(container: Container) -> None:
     try:
         container.stop(timeout=int(STOP_GRACE_S))

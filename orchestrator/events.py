@@ -73,8 +73,37 @@ class Notice:
     message: str
 
 
+@dataclass(frozen=True)
+class BuildStarted:
+    """An image build sent to the engine (images.py, before the run starts; `pipe validate` too)."""
+
+    stage: str
+    context: str  # the build context, relative to pipeline.yaml
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """A line of the engine's build output; `step` of `total` from its "Step 3/6 :" lines (0 before the first)."""
+
+    stage: str
+    step: int
+    total: int
+    line: str
+
+
+@dataclass(frozen=True)
+class BuildFinished:
+    """`ok` False: the build failed (`log_path` keeps its full output) or was interrupted (`reason` says which)."""
+
+    stage: str
+    ok: bool
+    duration_s: float
+    log_path: str | None = None
+    reason: str = ""
+
+
 Event = (RunStarted | StagePlanned | StageStarted | StageRunning | StageOutput | StageRetrying | StageFinished
-         | RunFinished | Notice)
+         | RunFinished | Notice | BuildStarted | BuildProgress | BuildFinished)
 
 
 class Reporter(Protocol):

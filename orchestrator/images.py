@@ -8,7 +8,10 @@ not sent to the engine at all.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,14 +20,18 @@ import docker.errors
 import urllib3.exceptions
 
 from orchestrator.errors import EngineError, ImageError
+from orchestrator.events import BuildFinished, BuildProgress, BuildStarted, Event, Notice
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.hashing import HashMemo
-from orchestrator.imageplan import ImageForecast, ImageMemo, forecast
+from orchestrator.imageplan import ImageForecast, ImageMemo, context_hash, forecast
 from orchestrator.spec import Build, Pipeline
 
-BuildOutput = Callable[[str, str], None]  # (stage, line)
+BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 T = TypeVar("T")
+EDITED_DURING_BUILD = "its context changed during the build: the image is used by this run only, not remembered"
 ENGINE_FAULTS = (docker.errors.DockerException, OSError, urllib3.exceptions.HTTPError)
+_STEP = re.compile(r"^Step (\d+)/(\d+) :")
+_RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")  # the classic builder's intermediate container
 _FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE)
 
 
@@ -71,12 +78,20 @@ def resolve_images(
     stages: Iterable[str],
     client: docker.DockerClient,
     memo_path: Path,
-    on_output: BuildOutput,
+    on_event: BuildEvents,
     hash_memo: HashMemo | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, str]:
     """stage -> image id (sha256:...) for `stages`, in their order: the forecast, then what it says must be built
     or pulled. Raises ImageError for a missing image or a failed build, EngineError when the engine cannot be
-    reached. Identical contexts are built once."""
+    reached. Identical contexts are built once.
+
+    Each build emits BuildStarted, BuildProgress per output line and BuildFinished, also when it fails or is
+    interrupted. Its output goes to a file in `log_dir` (default: builds/ beside the memo), kept only when the
+    build fails; the ImageError names it. An exception raised while a build runs (KeyboardInterrupt from the
+    CLI's signal handler) stops the build: its connection is closed and its intermediate container removed. A
+    context edited while it was being built is not remembered (the next run builds it again)."""
+    log_dir = log_dir or memo_path.parent / "builds"
     memo = ImageMemo.load(memo_path)
     view = DockerView(client)
     names = tuple(stages)
@@ -92,8 +107,13 @@ def resolve_images(
                     image_id = _existing_image(pipeline, name, stage.image, client)
                 else:
                     assert stage.build is not None  # spec.py: exactly one of image/build
-                    image_id = _build(pipeline, name, stage.build, client, on_output)
+                    image_id = _build(pipeline, name, stage.build, client, on_event, log_dir)
             base_ids = view.base_ids(pipeline, name, stage.build) if stage.build is not None else None
+            if stage.build is not None and plan.image_id is None \
+                    and context_hash(pipeline.root, stage.build, base_ids or {}, hash_memo)[0] != plan.context:
+                on_event(Notice(f"{name}: {EDITED_DURING_BUILD}"))
+                resolved[name] = image_id  # this run uses what was built; nothing remembers it
+                continue
             memo.remember(pipeline.display_name, name, plan, image_id, base_ids, stage.image)
             resolved[name] = image_id
         memo.save()
@@ -149,43 +169,123 @@ def _exists(client: docker.DockerClient, image_id: str) -> bool:
 
 
 def _build(
-    pipeline: Pipeline, name: str, build: Build, client: docker.DockerClient, on_output: BuildOutput
+    pipeline: Pipeline, name: str, build: Build, client: docker.DockerClient, on_event: BuildEvents, log_dir: Path
 ) -> str:
-    """Build with the engine, streaming its output; the image id, or ImageError with the failing step's message."""
+    """Build with the engine, streaming its output into a log file and progress events; the image id, or
+    ImageError with the failing step's message and where its full log is."""
     context = pipeline.root / build.context
     where = _where(pipeline, name, "build")
     if not context.is_dir():
         raise ImageError(f"{where}: build context {context} is not a folder")
     tag = f"pipe/{_slug(pipeline.display_name)}-{_slug(name)}:latest"  # a name for people; pipe uses the id
-    image_id = ""
-    last_line = ""
-    try:
-        chunks = client.api.build(
-            path=str(context),
-            dockerfile=build.dockerfile,
-            buildargs=dict(build.args),
-            tag=tag,
-            labels={LABEL_MANAGED: "1"},
-            rm=True,
-            forcerm=True,
-            decode=True,
-        )
-        for chunk in chunks:
-            if "error" in chunk:
-                detail = _one_line(str(chunk["error"]))
-                cause = f" (last output: {last_line})" if last_line and last_line not in detail else ""
-                raise ImageError(f"{where}: build of {build.context} failed: {detail}{cause}")
-            for line in str(chunk.get("stream", "")).splitlines():
-                if line.strip():
-                    on_output(name, line.rstrip())
-                    if not line.startswith(("Step ", " ---> ", "Removing intermediate")):
+    log_path = _new_log_path(log_dir, name)
+    started = time.monotonic()
+    on_event(BuildStarted(name, build.context))
+    image_id, last_line, step, total, running_in = "", "", 0, 0, ""
+    failure = ""
+    with open(log_path, "w", encoding="utf-8") as log, _build_response(client) as responses:
+        try:
+            chunks = client.api.build(
+                path=str(context),
+                dockerfile=build.dockerfile,
+                buildargs=dict(build.args),
+                tag=tag,
+                labels={LABEL_MANAGED: "1"},
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            for chunk in chunks:
+                if "error" in chunk:
+                    detail = _one_line(str(chunk["error"]))
+                    log.write(str(chunk["error"]).rstrip() + "\n")
+                    cause = f" (last output: {last_line})" if last_line and last_line not in detail else ""
+                    failure = f"build of {build.context} failed: {detail}{cause}"
+                    break
+                for line in str(chunk.get("stream", "")).splitlines():
+                    if not line.strip():
+                        continue
+                    log.write(line.rstrip() + "\n")
+                    if match := _STEP.match(line):
+                        step, total = int(match.group(1)), int(match.group(2))
+                    elif match := _RUNNING_IN.match(line):
+                        running_in = match.group(1)
+                    elif not line.startswith((" ---> ", "Removing intermediate")):
                         last_line = _one_line(line)
-            image_id = (chunk.get("aux") or {}).get("ID", image_id)
-    except docker.errors.APIError as e:
-        raise ImageError(
-            f"{where}: build of {build.context} failed: {_one_line(e.explanation or str(e))}"
-        ) from e
-    return image_id or str(client.images.get(tag).id)
+                    on_event(BuildProgress(name, step, total, line.rstrip()))
+                image_id = (chunk.get("aux") or {}).get("ID", image_id)
+        except docker.errors.APIError as e:
+            failure = f"build of {build.context} failed: {_one_line(e.explanation or str(e))}"
+        except BaseException as e:  # interrupted (Ctrl-C) or the engine lost: stop the build, leave nothing behind
+            for response in responses:
+                with suppress(Exception):
+                    response.close()  # the engine cancels a build whose client went away
+            if running_in and not isinstance(e, ENGINE_FAULTS):
+                _remove_build_container(client, running_in)
+            log.close()
+            log_path.unlink(missing_ok=True)
+            reason = "engine lost" if isinstance(e, ENGINE_FAULTS) else "interrupted"
+            on_event(BuildFinished(name, False, time.monotonic() - started, None, reason))
+            raise
+    took = time.monotonic() - started
+    if failure:
+        on_event(BuildFinished(name, False, took, str(log_path), failure))
+        raise ImageError(f"{where}: {failure}; full log: {log_path}")
+    log_path.unlink(missing_ok=True)  # kept only to explain a failure
+    try:
+        image_id = image_id or str(client.images.get(tag).id)
+    finally:
+        on_event(BuildFinished(name, True, took))
+    return image_id
+
+
+def _new_log_path(log_dir: Path, name: str) -> Path:
+    """builds/<stage>-<UTC time>.log, unique (a suffix when two builds of one stage start in the same second)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path, n = log_dir / f"{name}-{stamp}.log", 1
+    while path.exists():
+        n += 1
+        path = log_dir / f"{name}-{stamp}-{n}.log"
+    return path
+
+
+@contextmanager
+def _build_response(client: docker.DockerClient) -> Iterator[list[Any]]:
+    """The HTTP responses of build requests made inside the block (a requests session hook): docker-py's build
+    generator does not expose its response, and only closing it tells the engine to stop the build."""
+    responses: list[Any] = []
+
+    def keep(response: Any, *args: Any, **kwargs: Any) -> Any:
+        if response.request.path_url.split("?")[0].endswith("/build"):
+            responses.append(response)
+        return response
+
+    hooks = client.api.hooks.setdefault("response", [])
+    hooks.append(keep)
+    try:
+        yield responses
+    finally:
+        hooks.remove(keep)
+        for response in responses:
+            with suppress(Exception):
+                response.close()
+
+
+def _remove_build_container(client: docker.DockerClient, container_id: str, timeout_s: float = 10) -> None:
+    """Kill and remove the build's intermediate container; the engine may be removing it too (a 409 then), so
+    wait, bounded, until it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            client.api.remove_container(container_id, force=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            time.sleep(0.1)  # 409: removal in progress by the engine's own cancellation
+        except ENGINE_FAULTS:
+            return  # the engine is lost: the next run's sweep cannot see it either, but nothing more can be done
 
 
 def _where(pipeline: Pipeline, name: str, key: str) -> str:

@@ -179,3 +179,107 @@ def test_the_state_folder_keeps_itself_out_of_git(make_pipeline: Callable[..., P
     path = make_pipeline({"schedule": {"cron": "@daily"}, "stages": {"a": {"image": BUSYBOX}}})
     assert pipe("schedule", path).returncode == 0  # opens the history, so creates runs/
     assert (path.parent / "runs" / ".gitignore").read_text().splitlines()[-1] == "*"
+
+
+def run_on_a_terminal(*args: str | Path, timeout: float = 120) -> tuple[int, str]:
+    """`pipe ARGS` on a pseudo-terminal: its exit code and what the screen received, control codes removed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *map(str, args)], stdin=follower, stdout=follower, stderr=follower,
+        env={**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"},
+    )
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    return proc.wait(timeout=30), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+
+
+FAILING = {"image": BUSYBOX, "command": "for i in $(seq 1 30); do echo line $i; done; echo '[[gpu]] [bold]x[/]'; exit 1"}
+
+
+def test_a_failing_stage_on_a_terminal_shows_its_last_lines_under_one_table(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"train": FAILING}})
+    code, screen = run_on_a_terminal("run", path)
+    assert code == 1, screen
+    run_id = json.loads(pipe("status", path, "--json").stdout)["run"]["id"]
+    after = screen[screen.rindex("train failed: exited with code 1"):]
+    assert "line 30" in after and "line 12" in after and "line 11\r" not in after, after
+    assert "[[gpu]] [bold]x[/]" in after, "stage output is not read as markup"
+    assert f"full log: pipe logs {run_id} train" in after
+    assert "reason" not in screen, "the summary is the live view's last frame, not a second table"
+
+
+def test_a_failing_stage_off_a_terminal_names_its_log_command(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"train": FAILING}})
+    done = pipe("run", path)
+    assert done.returncode == 1
+    run_id = json.loads(pipe("status", path, "--json").stdout)["run"]["id"]
+    assert re.search(rf"^\d\d:\d\d:\d\d train: full log: pipe logs {run_id} train$", done.stdout, re.MULTILINE)
+    assert "train | [[gpu]] [bold]x[/]" in done.stdout
+
+
+def test_validate_says_when_it_builds(docker: Any, make_pipeline: Callable[..., Path]) -> None:
+    path = make_pipeline({"stages": {"a": {"build": "stages/a", "command": "true"}}},
+                         files={"stages/a/Dockerfile": f"FROM {BUSYBOX}\nRUN echo {time.time_ns()}\n"})
+    try:
+        done = pipe("validate", path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"{path}: ok (1 stages)"
+        lines = [line.split(" ", 1)[1] for line in done.stderr.splitlines()]
+        assert lines[0] == "a: building image from stages/a" and len(lines) == 2, done.stderr
+        assert re.fullmatch(r"a: image built in \S+", lines[1]), lines
+        code, screen = run_on_a_terminal("validate", path, "--state-dir", path.parent / "fresh")  # an empty memo
+        assert code == 0, screen
+        assert "building a: " in screen and "a: image built in" in screen
+        assert "Step 1/" not in screen, "a build that succeeds shows no raw output"
+    finally:
+        for image in docker.images.list(name="pipe/project-a"):
+            docker.images.remove(image.id, force=True)
+
+
+def test_logs_of_a_cached_stage_points_to_the_run_it_came_from(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"train": {"image": BUSYBOX, "command": "echo trained"}}})
+    assert pipe("run", path).returncode == 0
+    first = json.loads(pipe("status", path, "--json").stdout)["run"]["id"]
+    assert pipe("run", path).returncode == 0
+    second = json.loads(pipe("status", path, "--json").stdout)["run"]["id"]
+    done = pipe("logs", "latest", "train", path)
+    assert done.returncode == 2
+    assert f"stage train of run {second} was cached: its outputs were restored from run {first}" in done.stderr
+    assert f"`pipe logs {second} train --origin`" in done.stderr
+    origin = pipe("logs", "latest", "train", path, "--origin")
+    assert origin.returncode == 0, origin.stderr
+    assert origin.stdout == "trained\n"
+    assert f"restored from run {first}" in origin.stderr
+    typo = pipe("logs", "latest", "trian", path)
+    assert typo.returncode == 2 and "(did you mean 'train'?)" in typo.stderr, typo.stderr
+
+
+def test_logs_of_an_oom_killed_stage_that_printed_nothing_says_so(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"hog": {"image": BUSYBOX, "resources": {"memory": "16m"},
+                                             "command": "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}"}}})
+    assert pipe("run", path).returncode == 1
+    done = pipe("logs", "latest", "hog", path)
+    assert done.returncode == 0 and done.stdout == ""
+    assert "printed nothing; it was killed: out of memory (cap 16 MiB), before it wrote anything" in done.stderr

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import pytest
 
 from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, LABEL_STAGE
-from tests.conftest import BUSYBOX
-from tests.e2e.helpers import pipe, pipe_json
+from tests.conftest import BUSYBOX, wait_for
+from tests.e2e.helpers import pipe, pipe_json, start_pipe
 from tests.e2e.test_parallel import Watched, stage_rows
 from tests.integration.test_docker_executor import PrivateEngine
 
@@ -54,6 +55,65 @@ def test_sigterm_mid_stage_cancels_cleanly_with_143(docker: Any, make_pipeline: 
     report = pipe_json("status", path)
     assert (report["run"]["status"], report["stages"]["slow"]["status"]) == ("cancelled", "cancelled")
     assert not (path.parent / "runs" / report["run"]["id"] / "slow").exists(), "partial outputs are discarded"
+
+
+def build_containers(docker: Any, token: str) -> list[str]:
+    """The engine's containers whose command holds `token`: a build's intermediate ones carry no pipe label."""
+    return [row["Id"] for row in docker.api.containers(all=True) if token in row.get("Command", "")]
+
+
+def wait_for_output(proc: subprocess.Popen[str], text: str, what: str) -> None:
+    assert proc.stdout is not None
+    wait_for(lambda: text in (proc.stdout.readline() or ""), timeout=120, what=what)
+
+
+def test_sigint_during_an_image_build_stops_the_build_at_once(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    token = f"pipe-test-build-{uuid.uuid4().hex[:12]}"
+    path = make_pipeline({"stages": {"slow": {"build": "stages/slow", "command": "true"}}},
+                         files={"stages/slow/Dockerfile": f"FROM {BUSYBOX}\nRUN echo {token} && sleep 40\n"})
+    proc = start_pipe("run", path)
+    try:
+        wait_for(lambda: build_containers(docker, token), timeout=120, what="the build's RUN step to start")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130  # the build had 40 s to go: before, pipe waited for all of it
+        assert proc.stdout is not None
+        output = proc.stdout.read()
+        assert not build_containers(docker, token), "the build's intermediate container is removed"
+        assert "slow: image build interrupted" in output, output
+        assert pipe_json("runs", path) == [], "nothing ran"
+        assert not list((path.parent / "runs" / "builds").iterdir()), "an interrupted build keeps no log"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for leftover in build_containers(docker, token):
+            docker.api.remove_container(leftover, force=True)
+
+
+def test_a_second_sigint_kills_a_stage_that_ignores_the_first(
+    docker: Any, make_pipeline: Callable[..., Path]
+) -> None:
+    path = make_pipeline({"stages": {"stubborn": {
+        "image": BUSYBOX,
+        "command": "trap 'echo got TERM' TERM; trap 'echo got INT' INT; echo started; while true; do sleep 1; done",
+    }}})
+    proc = start_pipe("run", path)
+    try:
+        wait_for_output(proc, "stubborn | started", "the stage to start")
+        proc.send_signal(signal.SIGINT)
+        wait_for_output(proc, "stubborn | got TERM", "the stage to ignore the stop")
+        proc.send_signal(signal.SIGINT)
+        # the first stop grants 10 s of grace, of which at most about 2 s have gone; the second must not wait
+        assert proc.wait(timeout=6) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    report = pipe_json("status", path)
+    assert (report["run"]["status"], report["stages"]["stubborn"]["status"]) == ("cancelled", "cancelled")
+    assert not (path.parent / "runs" / report["run"]["id"] / "stubborn").exists(), "partial outputs are discarded"
 
 
 def test_printing_a_lot_keeps_pipe_small_and_caps_the_stored_log(

@@ -12,6 +12,7 @@ import pytest
 
 from orchestrator import imageplan, images
 from orchestrator.errors import ImageError
+from orchestrator.events import BuildFinished, BuildProgress, BuildStarted
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.spec import Pipeline, Source
 from tests.conftest import BUSYBOX
@@ -52,19 +53,15 @@ def build_calls(docker: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def resolve(
-    pipeline: Pipeline, docker: Any, memo: Path, output: list[tuple[str, str]] | None = None
-) -> dict[str, str]:
+def resolve(pipeline: Pipeline, docker: Any, memo: Path, output: list[Any] | None = None) -> dict[str, str]:
     sink = output if output is not None else []
-    return images.resolve_images(
-        pipeline, list(pipeline.stages), docker, memo, lambda s, line: sink.append((s, line))
-    )
+    return images.resolve_images(pipeline, list(pipeline.stages), docker, memo, sink.append)
 
 
 def test_build_gives_an_immutable_labelled_image(
     pipeline_of: Any, docker: Any, tmp_path: Path, build_calls: list[str]
 ) -> None:
-    output: list[tuple[str, str]] = []
+    output: list[Any] = []
     resolved = resolve(
         pipeline_of({"hello": {"build": "stages/hello"}}), docker, tmp_path / "images.json", output
     )
@@ -72,10 +69,23 @@ def test_build_gives_an_immutable_labelled_image(
     assert image_id.startswith("sha256:")
     image = docker.images.get(image_id)
     assert image.labels[LABEL_MANAGED] == "1"
-    assert any(stage == "hello" and "COPY hello.txt" in line for stage, line in output)
     memo = json.loads((tmp_path / "images.json").read_text())
     assert list(memo["images"].values()) == [image_id]
     assert len(build_calls) == 1
+
+
+def test_a_build_reports_its_start_steps_and_end(
+    pipeline_of: Any, docker: Any, tmp_path: Path
+) -> None:
+    output: list[Any] = []
+    resolve(pipeline_of({"hello": {"build": "stages/hello"}}), docker, tmp_path / "images.json", output)
+    assert output[0] == BuildStarted("hello", "stages/hello")
+    steps = [(e.step, e.total) for e in output[1:-1] if isinstance(e, BuildProgress)]
+    assert len(steps) == len(output) - 2 and (1, 3) in steps and steps[-1] == (3, 3)  # the engine adds LABEL
+    assert any("COPY hello.txt" in e.line for e in output[1:-1])
+    end = output[-1]
+    assert isinstance(end, BuildFinished) and (end.stage, end.ok, end.log_path) == ("hello", True, None)
+    assert not list((tmp_path / "builds").iterdir()), "a build that succeeded keeps no log"
 
 
 def test_memo_hit_does_not_call_the_engine_build(
@@ -160,8 +170,9 @@ def test_failed_build_is_an_image_error_with_the_steps_message(
     (project / "stages" / "bad" / "Dockerfile").write_text(
         f"FROM {BUSYBOX}\nRUN echo 'about to fail' && echo 'missing thing' >&2 && exit 3\n"
     )
+    output: list[Any] = []
     with pytest.raises(ImageError) as info:
-        resolve(pipeline_of({"bad": {"build": "stages/bad"}}), docker, tmp_path / "images.json")
+        resolve(pipeline_of({"bad": {"build": "stages/bad"}}), docker, tmp_path / "images.json", output)
     message = str(info.value)
     assert message.startswith(
         f"{project / 'pipeline.yaml'}:9: stages.bad.build: build of stages/bad failed: "
@@ -170,6 +181,13 @@ def test_failed_build_is_an_image_error_with_the_steps_message(
     assert "missing thing" in message
     assert "\n" not in message
     assert not (tmp_path / "images.json").exists()  # nothing memoised for a failed build
+    (log,) = (tmp_path / "builds").iterdir()  # kept, beside the memo, for later
+    assert log.name.startswith("bad-") and message.endswith(f"; full log: {log}")
+    text = log.read_text()
+    assert "Step 2/3 : RUN echo 'about to fail'" in text and "missing thing" in text
+    assert "returned a non-zero code: 3" in text
+    end = output[-1]
+    assert isinstance(end, BuildFinished) and (end.ok, end.log_path) == (False, str(log))
 
 
 def test_missing_dockerfile_is_an_image_error(
