@@ -11,6 +11,7 @@ LAYER = {
     "errors": 0, "units": 0,
     "spec": 1, "executor": 1, "results": 1, "events": 1, "hashing": 1, "store.records": 1, "metrics": 1, "hostfiles": 1,
     "yamlfile": 2, "loader": 2, "plan": 2, "cron": 2, "cachekey": 2, "cache": 2, "state": 2,
+    "objectstore": 2, "remote": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "runner": 3,
     "api": 4,
@@ -24,6 +25,9 @@ LIBRARIES = {
     "typer": {"cli"},
     "rich": {"console"},
     "croniter": {"cron"},
+    "boto3": {"objectstore"},
+    "botocore": {"objectstore"},
+    "s3transfer": {"objectstore"},
 }
 
 
