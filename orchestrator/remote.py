@@ -108,13 +108,16 @@ def fetch_entry(
         raise RemoteMiss(f"{where} is damaged (manifest of another key)")
     if any(_leaves_folder(p) for p in (*manifest.empty_dirs, *(e.path for e in manifest.files))):
         raise RemoteMiss(f"{where} is damaged (a path leaves the outputs folder)")
-    todo, skipped = [], 0
-    for digest, entry in blobs_of(manifest).items():
+    todo, skipped, seen = [], 0, set()
+    for entry in manifest.files:  # by destination, not digest: the local cache keeps .x blobs apart
         dest = blob_dest_of(entry)
+        if entry.link is not None or dest in seen:
+            continue
+        seen.add(dest)
         if _has_size(dest, entry.size):
             skipped += 1
         else:
-            todo.append((blob_key(digest), dest, digest, entry))
+            todo.append((blob_key(entry.digest), dest, entry.digest, entry))
     try:
         store.get_many([(k, dest, digest) for k, dest, digest, _ in todo], workers)
     except (DigestMismatch, ObjectMissing) as e:

@@ -240,6 +240,9 @@ def saved_entry(tmp_path: Path) -> tuple[Cache, Manifest]:
     (out / "sub" / "metrics.json").write_text('{"r2": 0.5}')
     (out / "run.sh").write_text("#!/bin/sh\n")
     (out / "run.sh").chmod(0o755)
+    (out / "run2.sh").write_text("#!/bin/sh\n")  # one content, plain (sub/plain.sh) and executable: one blob
+    (out / "run2.sh").chmod(0o755)
+    (out / "sub" / "plain.sh").write_text("#!/bin/sh\n")
     (out / "latest").symlink_to("model.bin")
     cache = Cache(tmp_path / "a" / "runs" / "cache")
     ing = Ingredients(
@@ -263,8 +266,12 @@ def test_push_then_fetch_into_an_empty_cache_restores_identical_outputs(s3: S3Bu
     fetched = fetch_entry(store, manifest.key, second.blob_path)
     assert fetched is not None
     got, transfer = fetched
-    assert got == manifest and transfer.files == 3
+    assert got == manifest and transfer.files == 4  # run.sh's content twice locally: blobs/…/<d> and <d>.x
     assert second.lookup(manifest.key).manifest is None  # fetch_entry placed blobs only; the caller files it
+    entry_file = second.root / "entries" / manifest.key[:2] / f"{manifest.key}.json"
+    entry_file.parent.mkdir(parents=True)
+    entry_file.write_text(got.to_json())  # what the lead's CacheStore will do (cache.py has no call for it yet)
+    assert second.lookup(manifest.key).manifest == manifest  # every local blob is where lookup looks
     restored = tmp_path / "b" / "restored"
     second.restore(got, restored)
     assert hash_tree(restored).digest == manifest.digest
