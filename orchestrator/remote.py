@@ -94,7 +94,9 @@ def fetch_entry(
     digest before they are renamed into place and made read-only (0444, or 0555 for an executable entry, the
     local cache's modes). RemoteMiss when the manifest is unreadable or names another key, or a blob is missing
     or corrupt on the remote: no manifest is returned, so nothing is restored; verified blobs already in place
-    stay, being correct content. Other RemoteErrors (unreachable, access denied) pass through.
+    stay, being correct content. A corrupt blob is deleted from the remote (best effort), so that the push after
+    the caller's re-run uploads it again and the entry heals (a missing one is re-uploaded likewise).
+    Other RemoteErrors (unreachable, access denied) pass through.
     """
     raw = store.get_bytes(manifest_key(key))
     if raw is None:
@@ -120,7 +122,13 @@ def fetch_entry(
             todo.append((blob_key(entry.digest), dest, entry.digest, entry))
     try:
         store.get_many([(k, dest, digest) for k, dest, digest, _ in todo], workers)
-    except (DigestMismatch, ObjectMissing) as e:
+    except DigestMismatch as e:
+        try:  # content-addressed, so a corrupt object is of no use to anyone: the next push uploads it anew
+            store.delete([e.key])
+        except RemoteError:
+            pass
+        raise RemoteMiss(f"{where} is damaged ({_after_remote(e, store)})") from None
+    except ObjectMissing as e:
         raise RemoteMiss(f"{where} is damaged ({_after_remote(e, store)})") from None
     for _, dest, _, entry in todo:
         os.chmod(dest, 0o555 if entry.executable else 0o444)

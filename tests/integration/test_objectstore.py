@@ -119,6 +119,19 @@ def test_a_corrupted_object_is_a_digest_mismatch_and_nothing_is_written(s3: S3Bu
     assert os.listdir(dest.parent) == []  # neither dest nor a temporary file
 
 
+def test_a_corrupted_large_object_fetched_in_ranges_is_a_digest_mismatch(s3: S3Bucket, tmp_path: Path) -> None:
+    store = store_of(s3, part_bytes=5 * MiB, multipart_min_bytes=5 * MiB)
+    src = random_file(tmp_path / "big", 12 * MiB)
+    store.put_file("big", src)
+    damaged = bytearray(src.read_bytes())
+    damaged[7 * MiB] ^= 0xFF  # one flipped byte in the second range, same size
+    s3.raw.put_object(Bucket=s3.name, Key="pipe/big", Body=bytes(damaged))
+    dest = tmp_path / "out" / "big"
+    with pytest.raises(DigestMismatch, match="big is corrupt"):
+        store.get_file("big", dest, hash_file(src))
+    assert os.listdir(dest.parent) == []
+
+
 def test_a_missing_object_is_object_missing(s3: S3Bucket, tmp_path: Path) -> None:
     store = store_of(s3)
     with pytest.raises(ObjectMissing, match="nothing does not exist"):
@@ -292,6 +305,10 @@ def test_a_corrupted_remote_blob_is_a_remote_miss(s3: S3Bucket, tmp_path: Path) 
     with pytest.raises(RemoteMiss, match=rf"remote cache entry {manifest.key[:12]} .* is damaged \(.*corrupt"):
         fetch_entry(store, manifest.key, lambda e: dest / e.digest)
     assert not (dest / victim.digest).exists()
+    assert not store.exists(blob_key(victim.digest))  # the useless object is gone from the server
+    healed = push_entry(store, manifest, cache.blob_path)  # the re-run's push (the manifest is there already)
+    assert (healed.files, healed.manifest_written) == (1, False)
+    assert fetch_entry(store, manifest.key, lambda e: dest / e.digest) is not None
 
 
 def test_a_deleted_remote_blob_is_a_remote_miss(s3: S3Bucket, tmp_path: Path) -> None:
@@ -302,6 +319,8 @@ def test_a_deleted_remote_blob_is_a_remote_miss(s3: S3Bucket, tmp_path: Path) ->
     store.delete([blob_key(victim.digest)])
     with pytest.raises(RemoteMiss, match="does not exist"):
         fetch_entry(store, manifest.key, lambda e: tmp_path / "b" / e.digest)
+    assert push_entry(store, manifest, cache.blob_path).files == 1  # the re-run's push re-uploads it
+    assert fetch_entry(store, manifest.key, lambda e: tmp_path / "b" / e.digest) is not None
 
 
 def test_a_damaged_remote_manifest_is_a_remote_miss(s3: S3Bucket, tmp_path: Path) -> None:
