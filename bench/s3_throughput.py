@@ -123,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=1024, help="total size of each shape, MiB (default 1024)")
     parser.add_argument("--files", type=int, default=10_000, help="file count of the many-files shape")
+    parser.add_argument("--only-one-file", action="store_true", help="measure the 1-file shape alone")
     parser.add_argument("--workers", type=int, default=8, help="files in flight at once, pipe and reference")
     parser.add_argument("-n", type=int, default=1, help="repetitions (the median is reported)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "s3")
@@ -141,7 +142,7 @@ def main() -> None:
         "| shape | direction | pipe s | pipe MB/s | reference | ref s | ref MB/s | ratio (pipe/ref time) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for files in (1, args.files):
+    for files in (1,) if args.only_one_file else (1, args.files):
         tool, result = run_shape(args, endpoint, access, secret, files)
         mb = args.mib * MiB / 1e6
         for direction in ("push", "pull"):

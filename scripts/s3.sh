@@ -9,8 +9,9 @@
 # Installs Debian's ceph-mon, ceph-osd, radosgw and ceph-common when they are missing. Idempotent: a server that
 # answers and knows the test user is reused. The OSD keeps objects in memory (memstore), so a stopped server
 # loses everything and the next start makes a new cluster. Progress goes to stderr, only KEY=VALUE to stdout.
-# Traps met on the way (each fixed below): the first OSD start may exit with "wrong fsid" and must be retried;
-# radosgw answers HTTP some seconds after it starts; the host may set AWS_CA_BUNDLE, which plain http ignores only
+# Traps met on the way (each handled below): the first OSD start may exit with "wrong fsid" and must be retried;
+# radosgw answers HTTP some seconds after it starts; deleted objects keep their memory for 2 hours unless rgw's
+# garbage collector is told otherwise (the OSD then reports full and writes hang); the host may set AWS_CA_BUNDLE, which plain http ignores only
 # in clients that are told so (the tests' clients unset it for http endpoints).
 set -euo pipefail
 DIR=${PIPE_S3_DIR:-/tmp/pipe-s3}
@@ -77,7 +78,11 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 mon max pg per osd = 1000
 osd objectstore = memstore
-memstore device bytes = 4294967296
+memstore device bytes = 8589934592
+# radosgw frees a deleted object's data only through its garbage collector, by default after 2 hours: memstore
+# then fills up and every write hangs ("1 full osd"). Collect at once, every 10 s.
+rgw gc obj min wait = 0
+rgw gc processor period = 10
 osd crush chooseleaf type = 0
 run dir = $DIR/run
 admin socket = $DIR/run/\$name.asok
