@@ -75,3 +75,9 @@ class NotFound(PipeError):
     """A run, stage or log that a command names does not exist."""
 
     exit_code = ExitCode.INVALID
+
+
+class RemoteError(PipeError):
+    """The remote object store refused or failed a request (credentials, bucket, network): one line, no secret."""
+
+    exit_code = ExitCode.INFRA

@@ -9,4 +9,7 @@ mypy orchestrator
 # the store's tests also run against a real PostgreSQL: a private server started here
 PIPE_TEST_POSTGRES_URL=${PIPE_TEST_POSTGRES_URL:-$(bash scripts/postgres.sh)}
 export PIPE_TEST_POSTGRES_URL
+# the remote store's tests run against a real S3 server: a private Ceph radosgw on loopback, started here
+if [ -z "${PIPE_TEST_S3_ENDPOINT:-}" ]; then set -a; eval "$(bash scripts/s3.sh)"; set +a; fi
+export AWS_EC2_METADATA_DISABLED=true
 python3 -m pytest "$@"

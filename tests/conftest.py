@@ -104,3 +104,60 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for nodeid in _skipped_tests:
             print(f"  {nodeid}")
         session.exitstatus = 1
+
+
+# -- the S3 remote: a real radosgw started by scripts/s3.sh (scripts/test.sh exports its endpoint and keys) --
+
+S3_ENDPOINT = os.environ.get("PIPE_TEST_S3_ENDPOINT")
+
+
+class S3Bucket:
+    """A fresh bucket on the test server; `raw` is a plain boto3 client for what pipe itself must not do."""
+
+    def __init__(self, endpoint: str, name: str, raw: Any) -> None:
+        self.endpoint, self.name, self.raw = endpoint, name, raw
+
+    def url(self, prefix: str = "pipe") -> str:
+        return f"s3://{self.name}/{prefix}/"
+
+    def object_keys(self) -> list[str]:
+        return [o["Key"] for o in self.raw.list_objects_v2(Bucket=self.name).get("Contents", [])]
+
+    def uploads(self) -> list[str]:
+        return [u["Key"] for u in self.raw.list_multipart_uploads(Bucket=self.name).get("Uploads", [])]
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket]:
+    """A bucket of its own on the test S3 server, its credentials in the environment only (the standard chain).
+
+    Skipped where PIPE_TEST_S3_ENDPOINT is unset, except under PIPE_REQUIRE_DOCKER (CI), where that fails.
+    """
+    if not S3_ENDPOINT:
+        if REQUIRE_DOCKER:
+            pytest.fail("PIPE_TEST_S3_ENDPOINT is not set: run the tests through scripts/test.sh (scripts/s3.sh)")
+        pytest.skip("PIPE_TEST_S3_ENDPOINT is not set (start a server with scripts/s3.sh)")
+    import secrets
+
+    import boto3
+    import botocore.exceptions
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", os.environ["PIPE_TEST_S3_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ["PIPE_TEST_S3_SECRET_KEY"])
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/pipe-test")  # no key from ~/.aws
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/pipe-test")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    raw = boto3.client("s3", endpoint_url=S3_ENDPOINT, region_name="us-east-1", verify=False)
+    name = f"pipe-test-{secrets.token_hex(6)}"
+    try:
+        raw.create_bucket(Bucket=name)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:  # the server is down although its endpoint is set: never a skip
+        pytest.fail(f"the S3 server at {S3_ENDPOINT} refused a bucket: {type(e).__name__}: {e}")
+    yield S3Bucket(S3_ENDPOINT, name, raw)
+    for upload in raw.list_multipart_uploads(Bucket=name).get("Uploads", []):
+        raw.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+    while keys := [{"Key": o["Key"]} for o in raw.list_objects_v2(Bucket=name).get("Contents", [])]:
+        raw.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+    raw.delete_bucket(Bucket=name)
