@@ -275,7 +275,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
             upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
         )
-        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all)
+        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
         store.finish_run(run_id, summary.status, summary.exit_code)
         reporter.emit(RunFinished(summary))
@@ -299,18 +299,19 @@ def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
 
 
 def _execute(prepared: Prepared, request: RunRequest, run_stage: StageRunner, reporter: Reporter,
-             cancel: Cancel, on_cancel: Callable[[], None]) -> Any:
+             cancel: Cancel, on_cancel: Callable[[], None], capacity: tuple[float, int]) -> Any:
     from orchestrator import parallel
 
     pipeline, order = prepared.pipeline, prepared.plan.order
+    cpus, memory = capacity
     return parallel.execute(
         order,
         {name: pipeline.stages[name].needs for name in order},
         run_stage,
         policy=parallel.Policy(
-            jobs=request.jobs or os.cpu_count() or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
+            jobs=request.jobs or max(1, int(cpus)), keep_going=request.keep_going, deadline_s=request.timeout_s
         ),
-        capacity=parallel.Capacity(float(os.cpu_count() or 1), host_memory_bytes()),
+        capacity=parallel.Capacity(cpus, memory),
         demands={name: _demand(pipeline, name) for name in order},
         retry={
             name: parallel.RetryPolicy(s.retries, s.retry_delay, frozenset(s.retry_on))
@@ -321,10 +322,6 @@ def _execute(prepared: Prepared, request: RunRequest, run_stage: StageRunner, re
         on_cancel=on_cancel,
         fatal=(StoreError,),
     )
-
-
-def host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _demand(pipeline: Pipeline, name: str) -> Any:

@@ -4,6 +4,7 @@ knowing it and tests substitute a fake one. `DockerBackend` is the local Docker 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,10 @@ class Backend(Protocol):
     def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_event: BuildEvents,
                        hash_memo: HashMemo | None) -> dict[str, str]:
         """stage -> immutable image id, building or pulling what the forecast says is missing."""
+        ...
+
+    def capacity(self) -> tuple[float, int]:
+        """(cpus, memory bytes) the running stages' caps may add up to; the default for --jobs."""
         ...
 
     def gpu_problem(self) -> str | None:
@@ -74,3 +79,8 @@ class DockerBackend:
         from orchestrator import docker_executor
 
         return docker_executor.gpu_problem(self._client)
+
+    def capacity(self) -> tuple[float, int]:
+        from orchestrator.hostfiles import host_memory_bytes
+
+        return float(os.cpu_count() or 1), host_memory_bytes()

@@ -346,7 +346,7 @@ def _out() -> Console:
     return console if console.is_terminal else Console(width=200)
 
 
-def _ago(at: datetime | None) -> str:
+def _local_time(at: datetime | None) -> str:
     return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else ""
 
 
@@ -379,7 +379,7 @@ def print_stages(stages: tuple[StageRunInfo, ...], title: str) -> None:
 
 def run_title(run: RunInfo) -> str:
     took = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else None
-    return f"run {run.id} ({run.trigger}) {run.status} {_ago(run.started_at)} {_dur(took)}".rstrip()
+    return f"run {run.id} ({run.trigger}) {run.status} {_local_time(run.started_at)} {_dur(took)}".rstrip()
 
 
 def print_runs(runs: list[RunInfo]) -> None:
@@ -390,7 +390,7 @@ def print_runs(runs: list[RunInfo]) -> None:
         for s in run.stages:
             counts[_status(s)] = counts.get(_status(s), 0) + 1
         table.add_row(
-            run.id, Text(run.status, style=STYLE.get(run.status, "")), Text(run.trigger), _ago(run.started_at),
+            run.id, Text(run.status, style=STYLE.get(run.status, "")), Text(run.trigger), _local_time(run.started_at),
             _dur(took), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
         )
     _out().print(table)
@@ -522,13 +522,13 @@ def print_status(report: Any) -> None:
 
 def manifest_json(manifest: Any) -> dict[str, Any]:
     return {"key": manifest.key, "stage": manifest.stage, "run_id": manifest.run_id, "digest": manifest.digest,
-            "files": len(manifest.files), "size": manifest.total_size, "created_at": manifest.created_at}
+            "files": len(manifest.files), "size": manifest.total_size, "created_at": iso_utc(manifest.created_at)}
 
 
 def print_cache(manifests: list[Any], disk: Any = None) -> None:
     table = _table("key", "stage", "run", "files", "size", "created")
     for m in manifests:
-        table.add_row(m.key[:12], m.stage, m.run_id, str(len(m.files)), format_bytes(m.total_size), str(m.created_at))
+        table.add_row(m.key[:12], m.stage, m.run_id, str(len(m.files)), format_bytes(m.total_size), _local_time(m.created_at))
     _out().print(table)
     if disk is not None:
         _out().print(describe_disk(disk), highlight=False)

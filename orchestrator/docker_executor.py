@@ -46,6 +46,12 @@ SECRETS_TARGET = "/run/secrets"
 ENOSPC_TEXT = "no space left on device"
 # What an engine fault looks like from the SDK: its own errors, requests' (OSError) and urllib3's.
 ENGINE_FAULTS = (docker.errors.DockerException, OSError, urllib3.exceptions.HTTPError)
+ENGINE_HINT = "is the Docker engine (dockerd) running, and may you use its socket?"
+
+
+def unreachable(error: BaseException, where: str = "") -> EngineError:
+    """The one-line EngineError for an engine that did not answer."""
+    return EngineError(f"docker engine unreachable{where}: {short_reason(error)}; {ENGINE_HINT}")
 
 
 def connect(base_url: str | None = None, timeout_s: float = 5) -> docker.DockerClient:
@@ -58,9 +64,7 @@ def connect(base_url: str | None = None, timeout_s: float = 5) -> docker.DockerC
             client = docker.from_env(timeout=int(timeout_s), max_pool_size=64)
         client.api.ping()
     except ENGINE_FAULTS as e:
-        raise EngineError(
-            f"docker engine unreachable at {address}: {short_reason(e)}; start it with scripts/engine.sh"
-        ) from e
+        raise unreachable(e, f" at {address}") from e
     client.api.timeout = 120  # the short timeout was for the ping; a busy engine may take longer to create
     return client
 
@@ -191,9 +195,7 @@ class DockerExecutor:
                     Outcome.ERROR, None, f"docker engine refused the container: {short_reason(e)}", started_at
                 )
             except ENGINE_FAULTS as e:
-                raise EngineError(
-                    f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
-                ) from e
+                raise unreachable(e) from e
             cid = str(container.id)
             try:
                 return self._supervise(container, cid, spec, on_output)
@@ -317,9 +319,7 @@ class DockerExecutor:
             except docker.errors.ImageNotFound:
                 user = ""  # create will report the missing image
             except ENGINE_FAULTS as e:
-                raise EngineError(
-                    f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
-                ) from e
+                raise unreachable(e) from e
         return parse_owner(user)
 
 
@@ -418,9 +418,7 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
                         remove_secrets(source.parent)
                 dead.add(run_id)
     except ENGINE_FAULTS as e:
-        raise EngineError(
-            f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
-        ) from e
+        raise unreachable(e) from e
     return sorted(dead)
 
 
@@ -455,9 +453,7 @@ def kill_process_containers(pid: int, base_url: str | None = None) -> int:
                 client.api.kill(row["Id"])
         return len(rows)
     except ENGINE_FAULTS as e:
-        raise EngineError(
-            f"docker engine unreachable: {short_reason(e)}; start it with scripts/engine.sh"
-        ) from e
+        raise unreachable(e) from e
     finally:
         client.close()
 

@@ -134,3 +134,8 @@ class CappedLog:
             self._file.flush()
         except OSError:  # the disk is full: as in write
             self._truncated = True
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
-import urllib3.exceptions
 
-from orchestrator.errors import EngineError, ImageError
+from orchestrator.docker_executor import ENGINE_FAULTS, unreachable
+from orchestrator.errors import ImageError
 from orchestrator.events import BuildFinished, BuildProgress, BuildStarted, Event, Notice
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.hashing import HashMemo
@@ -29,7 +29,6 @@ from orchestrator.spec import Build, Pipeline
 BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 T = TypeVar("T")
 EDITED_DURING_BUILD = "its context changed during the build: the image is used by this run only, not remembered"
-ENGINE_FAULTS = (docker.errors.DockerException, OSError, urllib3.exceptions.HTTPError)
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
 _RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")  # the classic builder's intermediate container
 _FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE)
@@ -63,7 +62,7 @@ def engine_faults(action: Callable[[], T]) -> T:
             f"docker engine refused an image request: {_one_line(e.explanation or str(e))}"
         ) from e
     except ENGINE_FAULTS as e:
-        raise EngineError(f"docker engine unreachable: {_one_line(str(e))}") from e
+        raise unreachable(e) from e
 
 
 def forecast_images(pipeline: Pipeline, stages: Iterable[str], client: docker.DockerClient, memo_path: Path,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from orchestrator.errors import SpecError
+from orchestrator.hostfiles import host_memory_bytes
 from orchestrator.plan import check_acyclic
 from orchestrator.spec import (
     ENV_NAME_PATTERN,
@@ -278,7 +279,7 @@ def _check_inside(pipeline: Pipeline, root: Path, rel: str, key: str, at: str | 
 def _check_machine(pipeline: Pipeline) -> None:
     """No cap this file sets may exceed the whole machine: such a stage could never be scheduled."""
     cpus = os.cpu_count() or 1
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = host_memory_bytes()
     caps = [("defaults.resources", pipeline.defaults.resources)]
     caps += [(f"stages.{name}.resources", stage.resources) for name, stage in pipeline.stages.items()]
     for prefix, resources in caps:

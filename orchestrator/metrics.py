@@ -1,4 +1,4 @@
-"""A stage's metrics file and its quality gate. Pure: reads one JSON file, compares numbers."""
+"""A stage's metrics file (read_metrics reads one JSON file) and its quality gate (check_gate: pure)."""
 
 from __future__ import annotations
 

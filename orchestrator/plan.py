@@ -28,10 +28,6 @@ class Plan:
     graph: nx.DiGraph  # the whole pipeline: an edge upstream -> downstream for every entry in `needs`
     order: tuple[str, ...]  # the stages this run executes, topologically sorted, ties broken by name
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        return self.order
-
     def upstream(self, stage: str) -> tuple[str, ...]:
         """The stage's direct needs, sorted."""
         return tuple(sorted(self.graph.predecessors(stage)))

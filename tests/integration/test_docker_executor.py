@@ -281,7 +281,7 @@ def test_connect_to_a_missing_socket_fails_fast_naming_it(tmp_path: Path) -> Non
     with pytest.raises(EngineError) as info:
         connect(socket, timeout_s=2)
     assert str(info.value).startswith(f"docker engine unreachable at {socket}: ")
-    assert str(info.value).endswith("; start it with scripts/engine.sh")
+    assert str(info.value).endswith("; is the Docker engine (dockerd) running, and may you use its socket?")
     assert "\n" not in str(info.value)
 
 

@@ -66,8 +66,14 @@ class FakeBackend:
                        on_output: Callable[[str, str], None], hash_memo: HashMemo | None) -> dict[str, str]:
         return {name: f"sha256:{pipeline.stages[name].image}" for name in stages}
 
-    def sweep(self, owner: str, is_alive: Callable[[str], bool]) -> list[str]:
+    def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
         return []
+
+    def capacity(self) -> tuple[float, int]:
+        return 2.0, 1 << 33
+
+    def gpu_problem(self) -> str | None:
+        return None
 
 
 class Events:

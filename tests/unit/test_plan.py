@@ -31,11 +31,6 @@ def test_order_is_topological_with_ties_broken_by_name() -> None:
     assert build_plan(ML).order == ("data", "lint", "train", "evaluate", "predict", "report")
 
 
-def test_stages_is_the_order() -> None:
-    plan = build_plan(ML)
-    assert plan.stages == plan.order
-
-
 def test_selecting_one_stage_runs_exactly_it() -> None:
     plan = build_plan(ML, Selection(stage="train"))
     assert plan.order == ("train",)
