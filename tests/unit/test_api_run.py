@@ -263,3 +263,20 @@ def test_gate_accept_refuses_a_stage_without_a_gate(make_pipeline: Callable[...,
     run(path, FakeBackend({"evaluate": scores([0.9])}))
     with pytest.raises(UsageError, match="did you mean 'evaluate'"):
         api.gate_accept(api.Target(path), "latest", stage="evaluat")
+
+
+def test_a_run_records_its_commit_and_whether_the_tree_was_dirty(project: Path) -> None:
+    import subprocess
+
+    root = project.parent
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "pipeline.yaml", "raw.csv"], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    clean, _ = run(project, FakeBackend())
+    info = api.show_run(api.Target(project), clean.run_id)
+    assert info.git_commit and info.git_dirty is False
+    (root / "raw.csv").write_text("edited, not committed\n")
+    dirty, _ = run(project, FakeBackend())
+    assert api.show_run(api.Target(project), dirty.run_id).git_dirty is True
+    assert api.show_run(api.Target(project), dirty.run_id).to_json()["git_dirty"] is True
