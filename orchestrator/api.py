@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -24,14 +24,18 @@ from orchestrator.events import NullReporter, Reporter, RunFinished, RunStarted
 from orchestrator.overrides import apply_overrides, parse_overrides
 from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
-from orchestrator.spec import Pipeline
+from orchestrator.spec import Pipeline, Schedule
 from orchestrator.state import StateDir
-from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, TickInfo
+from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, TickAction, TickInfo
 
 if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the commands that use them
     from orchestrator.backend import Backend
+    from orchestrator.cache import GcReport, Manifest, VerifyReport
+    from orchestrator.cron import CrontabEntry
     from orchestrator.decide import Decision
     from orchestrator.imageplan import ImageForecast
+    from orchestrator.parallel import Demand, Execution
+    from orchestrator.prune import DiskUse
     from orchestrator.runner import StageRunner, Upstream
     from orchestrator.store.store import Store
 
@@ -151,7 +155,7 @@ def validate_all(target: Target, check_images: bool = True, docker_url: str | No
         return Validation(None, [e])
 
 
-def check_gpus(pipeline: Pipeline, stages: Any, backend: Backend) -> None:
+def check_gpus(pipeline: Pipeline, stages: Iterable[str], backend: Backend) -> None:
     """SpecError on the first stage asking for GPUs when the engine cannot give any: before any stage starts,
     in one line, instead of the engine's raw refusal (exit 4) once the run is under way."""
     wanting = [name for name in stages if pipeline.stages[name].resources.gpus > 0]
@@ -299,7 +303,7 @@ def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
 
 
 def _execute(prepared: Prepared, request: RunRequest, run_stage: StageRunner, reporter: Reporter,
-             cancel: Cancel, on_cancel: Callable[[], None], capacity: tuple[float, int]) -> Any:
+             cancel: Cancel, on_cancel: Callable[[], None], capacity: tuple[float, int]) -> Execution:
     from orchestrator import parallel
 
     pipeline, order = prepared.pipeline, prepared.plan.order
@@ -324,7 +328,7 @@ def _execute(prepared: Prepared, request: RunRequest, run_stage: StageRunner, re
     )
 
 
-def _demand(pipeline: Pipeline, name: str) -> Any:
+def _demand(pipeline: Pipeline, name: str) -> Demand:
     from orchestrator.parallel import Demand
 
     res = pipeline.resources_of(name)
@@ -342,7 +346,7 @@ def summarize(run_id: str, results: dict[str, StageResult], cancel: Cancel | Non
     return RunSummary(run_id, RunStatus.FAILED, results, ExitCode.FAILED)
 
 
-def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, Any]:
+def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, Upstream]:
     """For `--stage`/`--from`: outputs of upstream stages that this run does not execute, from earlier runs."""
     from orchestrator.runner import Upstream
 
@@ -528,7 +532,7 @@ class StatusReport:
     pipeline: Pipeline
     run: RunInfo | None
     next_run: list[Decision]  # in plan order
-    disk: Any = None  # prune.DiskUse of the state dir
+    disk: DiskUse | None = None  # of the state dir
 
 
 def status(target: Target, backend: Backend | None = None) -> StatusReport:
@@ -613,20 +617,20 @@ def gate_accept(target: Target, run: str, stage: str | None = None) -> list[Acce
 # ---- cache ------------------------------------------------------------------------------------------------------
 
 
-def cache_entries(target: Target) -> list[Any]:
+def cache_entries(target: Target) -> list[Manifest]:
     from orchestrator.cache import Cache
 
     return sorted(Cache(load(target).state.cache_dir).entries(), key=lambda m: m.created_at, reverse=True)
 
 
-def cache_disk_use(target: Target) -> Any:
+def cache_disk_use(target: Target) -> DiskUse:
     """prune.DiskUse of the state dir: the cache, and what the run folders add to it."""
     from orchestrator import prune
 
     return prune.disk_use(load(target).state)
 
 
-def cache_verify(target: Target, repair: bool = False) -> Any:
+def cache_verify(target: Target, repair: bool = False) -> VerifyReport:
     """cache.VerifyReport: every blob re-hashed; with `repair`, corrupt blobs and the entries needing them go.
     Under the lock when repairing (a run saving meanwhile could lose a blob it just stored)."""
     from orchestrator.cache import Cache
@@ -639,7 +643,7 @@ def cache_verify(target: Target, repair: bool = False) -> Any:
         return cache.verify(repair=True)
 
 
-def cache_gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool) -> Any:
+def cache_gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool) -> GcReport:
     """`pipe cache gc`: `gc` of the cache alone; run folders stay, so blobs they link stay on disk."""
     return gc(target, keep_runs, keep_days, dry_run, runs=False, images=False).cache
 
@@ -649,7 +653,7 @@ class GcResult:
     dry_run: bool
     runs_removed: tuple[str, ...]
     runs_kept: tuple[str, ...]
-    cache: Any  # cache.GcReport
+    cache: GcReport
     bytes_freed: int  # run folders and cache files together, each block once when its last link goes
     images_removed: tuple[str, ...] = ()
     images_held: tuple[str, ...] = ()  # pipe built them and nothing kept uses them, but a container does
@@ -721,6 +725,7 @@ def pruned_at(target: Target, run_id: str) -> datetime | None:
 @dataclass(frozen=True)
 class ScheduleReport:
     pipeline: Pipeline
+    schedule: Schedule
     next_times: list[datetime]  # UTC
     ticks: list[TickInfo]  # what the scheduler did with its latest ticks, newest first
 
@@ -735,10 +740,11 @@ def schedule_report(target: Target, count: int) -> ScheduleReport:
         raise UsageError(f"{pipeline.path} has no `schedule:`; add one (cron:, timezone:)")
     with read_store(loaded) as store:
         ticks = store.ticks(pipeline.display_name, count)
-    return ScheduleReport(pipeline, cron.next_fire_times(pipeline.schedule, datetime.now(UTC), count), ticks)
+    schedule = pipeline.schedule
+    return ScheduleReport(pipeline, schedule, cron.next_fire_times(schedule, datetime.now(UTC), count), ticks)
 
 
-def crontab_entry(target: Target) -> Any:
+def crontab_entry(target: Target) -> CrontabEntry:
     """The crontab entry for the pipeline's schedule, with absolute paths and the environment it needs."""
     import shutil
     import sys
@@ -762,7 +768,7 @@ def crontab_entry(target: Target) -> Any:
     )
 
 
-def install_schedule(target: Target, apply: bool, force: bool = False) -> Any:
+def install_schedule(target: Target, apply: bool, force: bool = False) -> CrontabEntry:
     """The crontab entry; written into the user's crontab only with `apply`. Cron would read the fields in
     another time zone than the schedule's (entry.warning; Debian's cron ignores CRON_TZ): UsageError unless
     `force`, before the crontab is touched."""
@@ -803,7 +809,7 @@ def run_scheduler(
         summary = run_pipeline(request, reporter, Cancel(event=cancel))
         return RunOutcome(summary.run_id, int(summary.exit_code))
 
-    def record_tick(name: str, due_at: datetime, action: Any, reason: str, run_id: str | None) -> None:
+    def record_tick(name: str, due_at: datetime, action: TickAction, reason: str, run_id: str | None) -> None:
         with open_store(load(by_name[name])) as store:
             store.record_tick(name, due_at, action, reason, run_id)
 

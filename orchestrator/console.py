@@ -36,7 +36,11 @@ from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, iso_u
 from orchestrator.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
+    from orchestrator.api import Forecast, GcResult, ScheduleReport, StatusReport, Validation
+    from orchestrator.cache import GcReport, Manifest, VerifyReport
     from orchestrator.decide import Decision
+    from orchestrator.plan import Plan
+    from orchestrator.prune import DiskUse
 
 STYLE = {
     "succeeded": "green", "cached": "cyan", "failed": "bold red", "skipped": "yellow", "cancelled": "magenta",
@@ -77,7 +81,7 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
-def validation_json(report: Any) -> dict[str, Any]:
+def validation_json(report: Validation) -> dict[str, Any]:
     """`pipe validate --json` (api.Validation): {ok, pipeline, stages, ...} or {ok: false, errors: [...]}."""
     if report.pipeline is not None:
         pipeline = report.pipeline
@@ -93,7 +97,7 @@ def validation_json(report: Any) -> dict[str, Any]:
     return {"ok": False, "errors": errors}
 
 
-def dag_json(plan: Any) -> dict[str, Any]:
+def dag_json(plan: Plan) -> dict[str, Any]:
     """`pipe dag --json`: nodes in run (topological) order with their needs, and edges upstream -> downstream."""
     edges = sorted(plan.graph.edges())
     return {"nodes": [{"name": name, "needs": sorted(up for up, down in edges if down == name)}
@@ -437,17 +441,17 @@ def print_metrics(points: list[MetricPoint], diff: bool) -> None:
     _out().print(table)
 
 
-def schedule_json(report: Any) -> dict[str, Any]:
+def schedule_json(report: ScheduleReport) -> dict[str, Any]:
     """`pipe schedule --json`: the schedule, its next fire times, and its latest ticks (api.ScheduleReport)."""
-    schedule = report.pipeline.schedule
+    schedule = report.schedule
     return {"pipeline": report.pipeline.display_name, "cron": schedule.cron, "timezone": schedule.timezone,
             "next": [iso_utc(at) for at in report.next_times], "ticks": [t.to_json() for t in report.ticks]}
 
 
-def print_schedule(report: Any) -> None:
+def print_schedule(report: ScheduleReport) -> None:
     from zoneinfo import ZoneInfo
 
-    schedule = report.pipeline.schedule
+    schedule = report.schedule
     zone = ZoneInfo(schedule.timezone)
     console = _out()
     console.print(Text(f"{report.pipeline.display_name}: {schedule.cron!r} in {schedule.timezone}", style="bold"))
@@ -475,7 +479,7 @@ def decision_json(d: Decision) -> dict[str, Any]:
             "cache_key": d.ingredients.key() if d.ingredients is not None else None}
 
 
-def forecast_json(forecast: Any) -> dict[str, Any]:
+def forecast_json(forecast: Forecast) -> dict[str, Any]:
     """`pipe run --dry-run --json`: stable keys dry_run, status ("would_run" or "cached"), stages."""
     return {"dry_run": True, "run_id": None, "status": "would_run" if forecast.would_run else "cached",
             "stages": {d.stage: decision_json(d) for d in forecast.decisions}}
@@ -489,7 +493,7 @@ def result_json(result: StageResult) -> dict[str, Any]:
     }
 
 
-def status_json(report: Any) -> dict[str, Any]:
+def status_json(report: StatusReport) -> dict[str, Any]:
     """Stable keys, documented in README: pipeline, run (or null), stages, next_run."""
     run: RunInfo | None = report.run
     return {
@@ -505,7 +509,7 @@ def status_json(report: Any) -> dict[str, Any]:
     }
 
 
-def print_status(report: Any) -> None:
+def print_status(report: StatusReport) -> None:
     console = _out()
     run: RunInfo | None = report.run
     if run is None:
@@ -520,7 +524,7 @@ def print_status(report: Any) -> None:
         console.print(describe_disk(report.disk), highlight=False)
 
 
-def manifest_json(manifest: Any) -> dict[str, Any]:
+def manifest_json(manifest: Manifest) -> dict[str, Any]:
     return {"key": manifest.key, "stage": manifest.stage, "run_id": manifest.run_id, "digest": manifest.digest,
             "files": len(manifest.files), "size": manifest.total_size, "created_at": iso_utc(manifest.created_at)}
 
@@ -534,19 +538,19 @@ def print_cache(manifests: list[Any], disk: Any = None) -> None:
         _out().print(describe_disk(disk), highlight=False)
 
 
-def disk_json(disk: Any) -> dict[str, int]:
+def disk_json(disk: DiskUse) -> dict[str, int]:
     """prune.DiskUse: blocks on disk, each inode once (a run folder's hard links into the cache count there)."""
     return {"cache_bytes": disk.cache_bytes, "runs_bytes": disk.runs_bytes, "run_folders": disk.run_folders,
             "total_bytes": disk.total_bytes}
 
 
-def describe_disk(disk: Any) -> str:
+def describe_disk(disk: DiskUse) -> str:
     return (f"disk: cache {format_bytes(disk.cache_bytes)}, {disk.run_folders} run folder(s) "
             f"{format_bytes(disk.runs_bytes)} more (hard links into the cache counted once), "
             f"{format_bytes(disk.total_bytes)} in all")
 
 
-def gc_json(report: Any, dry_run: bool) -> dict[str, Any]:
+def gc_json(report: GcReport, dry_run: bool) -> dict[str, Any]:
     """`pipe cache gc --json` (a cache.GcReport); stable keys, documented in README."""
     return {"dry_run": dry_run, "entries_removed": report.entries_removed, "entries_kept": report.entries_kept,
             "blobs_removed": report.blobs_removed, "blob_bytes": report.blob_bytes,
@@ -554,7 +558,7 @@ def gc_json(report: Any, dry_run: bool) -> dict[str, Any]:
             "removed_keys": list(report.removed_keys)}
 
 
-def describe_gc(report: Any, dry_run: bool) -> str:
+def describe_gc(report: GcReport, dry_run: bool) -> str:
     verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
     linked = (f" ({format_bytes(report.bytes_still_linked)} of them stay linked from run folders: `pipe gc` "
               "prunes those)") if report.bytes_still_linked else ""
@@ -563,7 +567,7 @@ def describe_gc(report: Any, dry_run: bool) -> str:
             f"{freed} {format_bytes(report.bytes_freed)} on disk; kept {report.entries_kept}")
 
 
-def run_gc_json(result: Any) -> dict[str, Any]:
+def run_gc_json(result: GcResult) -> dict[str, Any]:
     """`pipe gc --json` (an api.GcResult); stable keys, documented in README."""
     return {"dry_run": result.dry_run, "runs_removed": list(result.runs_removed),
             "runs_kept": list(result.runs_kept), "cache": gc_json(result.cache, result.dry_run),
@@ -572,7 +576,7 @@ def run_gc_json(result: Any) -> dict[str, Any]:
             "warnings": list(result.warnings)}
 
 
-def print_run_gc(result: Any) -> None:
+def print_run_gc(result: GcResult) -> None:
     verb, freed = ("would remove", "would free") if result.dry_run else ("removed", "freed")
     out = _out()
     for warning in result.warnings:
@@ -587,7 +591,7 @@ def print_run_gc(result: Any) -> None:
     out.print(f"{freed} {format_bytes(result.bytes_freed + result.image_bytes_freed)} in all", highlight=False)
 
 
-def verify_json(report: Any) -> dict[str, Any]:
+def verify_json(report: VerifyReport) -> dict[str, Any]:
     """`pipe cache verify --json` (a cache.VerifyReport); stable keys, documented in README."""
     return {"ok": not report.problems or report.repaired, "repaired": report.repaired,
             "blobs_checked": report.blobs_checked, "bytes_checked": report.bytes_checked,
@@ -597,7 +601,7 @@ def verify_json(report: Any) -> dict[str, Any]:
                          for p in report.problems]}
 
 
-def print_verify(report: Any) -> None:
+def print_verify(report: VerifyReport) -> None:
     for problem in report.problems:
         warn(problem.message)
     repaired = (f"; repaired: {report.blobs_removed} blob(s) and {report.entries_removed} entr"
