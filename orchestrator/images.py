@@ -98,15 +98,16 @@ def resolve_images(
     def resolve() -> dict[str, str]:
         planned = forecast(pipeline, names, memo, view, hash_memo)
         resolved: dict[str, str] = {}
+        built: dict[str | None, str] = {}  # context hash -> image built by this call, for a twin stage
         for name in names:
             stage, plan = pipeline.stages[name], planned[name]
-            image_id = plan.image_id or (memo.images.get(plan.context) if plan.context else None)  # a twin's build
+            image_id = plan.image_id or (built.get(plan.context) if plan.context else None)
             if not image_id:
                 if stage.image is not None:
                     image_id = _existing_image(pipeline, name, stage.image, client)
                 else:
                     assert stage.build is not None  # spec.py: exactly one of image/build
-                    image_id = _build(pipeline, name, stage.build, client, on_event, log_dir)
+                    image_id = built[plan.context] = _build(pipeline, name, stage.build, client, on_event, log_dir)
             base_ids = view.base_ids(pipeline, name, stage.build) if stage.build is not None else None
             if stage.build is not None and plan.image_id is None \
                     and context_hash(pipeline.root, stage.build, base_ids or {}, hash_memo)[0] != plan.context:

@@ -177,7 +177,10 @@ def test_validate_says_up_front_that_the_engine_has_no_gpus(docker: Any, make_pi
 
 def test_the_state_folder_keeps_itself_out_of_git(make_pipeline: Callable[..., Path]) -> None:
     path = make_pipeline({"schedule": {"cron": "@daily"}, "stages": {"a": {"image": BUSYBOX}}})
-    assert pipe("schedule", path).returncode == 0  # opens the history, so creates runs/
+    assert pipe("schedule", path).returncode == 0
+    assert not (path.parent / "runs").exists(), "a read command creates no state folder"
+    done = pipe("cache", "gc", path, "--keep-runs", "1")  # a writing command creates it
+    assert done.returncode == 0, done.stderr
     assert (path.parent / "runs" / ".gitignore").read_text().splitlines()[-1] == "*"
 
 
@@ -241,7 +244,7 @@ def test_validate_says_when_it_builds(docker: Any, make_pipeline: Callable[..., 
     try:
         done = pipe("validate", path)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == f"{path}: ok (1 stages)"
+        assert done.stdout.strip() == f"{path}: ok (1 stage)"
         lines = [line.split(" ", 1)[1] for line in done.stderr.splitlines()]
         assert lines[0] == "a: building image from stages/a" and len(lines) == 2, done.stderr
         assert re.fullmatch(r"a: image built in \S+", lines[1]), lines

@@ -93,12 +93,12 @@ def test_an_input_edited_while_its_stage_runs_is_not_cached(docker: Any, make_pi
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "in.txt changed while the stage ran" in out
-    shown = pipe_json("show", path, "latest")
+    shown = pipe_json("show", "latest", path)
     assert "in.txt changed while the stage ran" in json.dumps(shown)  # in history too
     (path.parent / "in.txt").write_text("AAAA")
     again = pipe("run", path)
     assert again.returncode == 0, again.stderr
-    latest = pipe_json("show", path, "latest")
+    latest = pipe_json("show", "latest", path)
     copy = next(s for s in latest["stages"] if s["stage"] == "copy")
     assert copy["status"] == "succeeded", "the edited run's outputs must not be restored for AAAA"
     assert (Path(copy["outputs_path"]) / "o").read_text() == "AAAA"

@@ -34,7 +34,7 @@ def test_gc_prunes_old_runs_and_reports_what_du_sees(docker: Any, make_pipeline:
     run_ok(path)
     run_ok(path, "-p", "train.epochs=2")
     run_ok(path, "-p", "train.epochs=3")
-    assert pipe("run", path, "-p", "train.fail=1").returncode == 1
+    assert pipe("run", path, "-p", "+train.fail=1").returncode == 1
     runs = [r["id"] for r in pipe_json("runs", path)]  # newest first: failed, epochs 3, 2, 1
     folders = [state / run_id for run_id in runs]
     assert all(f.is_dir() for f in folders)

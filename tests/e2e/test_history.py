@@ -67,16 +67,19 @@ def test_status_reports_each_stage_and_predicts_the_next_run(docker: Any, make_p
         assert stage["outputs_path"] == str(path.parent / "runs" / run_id / name)
         assert Path(stage["outputs_path"]).is_dir()
         assert stage["cached_from"] is None
-    assert report["next_run"] == {
-        name: {"runs": False, "reasons": [f"cached from run {run_id}"]} for name in ("data", "train", "evaluate")
+    assert {name: (s["status"], s["runs"], s["reasons"]) for name, s in report["next_run"].items()} == {
+        name: ("cached", False, [f"cached from run {run_id}"]) for name in ("data", "train", "evaluate")
     }
+    assert {name: s["cache_key"] for name, s in report["next_run"].items()} == {
+        s["stage"]: s["cache_key"] for s in report["run"]["stages"]}
 
     (path.parent / "raw.txt").write_text("changed\n")
     report = pipe_json("status", path)
     assert report["next_run"]["data"]["runs"] is True
     [why] = report["next_run"]["data"]["reasons"]
     assert re.fullmatch(r"input raw\.txt changed \([0-9a-f]{8}\.\. -> [0-9a-f]{8}\.\.\)", why), why
-    assert report["next_run"]["train"] == {"runs": True, "reasons": ["upstream data runs first"]}
+    train = report["next_run"]["train"]
+    assert (train["status"], train["runs"], train["reasons"]) == ("would_run", True, ["upstream data runs first"])
     text = pipe("status", path)
     assert text.returncode == 0, text.stderr
     assert f"run {run_id} (manual) succeeded" in text.stdout

@@ -172,7 +172,7 @@ def test_retries_are_counted_in_history(docker: Any, make_pipeline: Callable[...
     assert "flaky: attempt 1 failed (exited with code 5); retrying in 0.1s" in done.stdout
     assert "flaky: attempt 2 failed (exited with code 5); retrying in 0.2s" in done.stdout
     row = stage_rows(path)["flaky"]
-    assert (row["status"], row["attempts"], row["reason"]) == ("failed", 3, "exited with code 5")
+    assert (row["status"], row["attempts"], row["reason"]) == ("failed", 3, "exited with code 5 (after 3 attempts)")
     attempts = [line for line in Path(row["log_path"]).read_text().splitlines() if line.startswith("attempt ")]
     assert len(set(attempts)) == 3, f"three distinct attempts ran: {attempts}"
 

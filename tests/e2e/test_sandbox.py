@@ -236,7 +236,7 @@ def test_read_only_folders_left_by_a_failed_attempt_do_not_stop_the_retry(
     done = subprocess.run(unprivileged("run", path), capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     stage = stages_of(pipe_json("show", "latest", path))["flaky"]
-    assert stage["attempts"] == 2 and stage["reason"] == "exited with code 1", stage
+    assert stage["attempts"] == 2 and stage["reason"] == "exited with code 1 (after 2 attempts)", stage
     assert stage_lines(done.stdout, "flaky") == ["attempt", "attempt"]
 
 
