@@ -177,12 +177,18 @@ class ServeEngine:
         """nginx's graceful reload: new workers take the new upstream, old ones finish their requests."""
         _engine(lambda: self._client.api.kill(self.proxy_name, signal="SIGHUP"), "the serving proxy did not reload")
 
-    def draining(self) -> int:
-        """How many old nginx workers still finish requests after a reload."""
-        def count() -> int:
+    def workers(self) -> dict[str, bool]:
+        """The proxy's nginx worker pids -> whether each is shutting down (an old worker finishing requests)."""
+        def list_workers() -> dict[str, bool]:
             top = self._client.api.top(self.proxy_name, ps_args="-o pid,args")
-            return sum(1 for row in top.get("Processes") or () if "shutting down" in " ".join(row))
-        return _engine(count)
+            rows = [(str(row[0]), " ".join(row[1:])) for row in top.get("Processes") or ()]
+            return {pid: "shutting down" in args for pid, args in rows if "worker process" in args}
+        return dict(_engine(list_workers))
+
+    def reloaded(self, before: set[str]) -> bool:
+        """Whether a reload finished: workers run, none of them from before it, and no old one is left."""
+        now = self.workers()
+        return bool(now) and not (set(now) & before) and not any(now.values())
 
     def remove(self, container_id: str, grace_s: float = STOP_GRACE_S) -> None:
         def rm() -> None:

@@ -19,6 +19,7 @@ CONF_NAME = "nginx.conf"
 CONF_TARGET = "/etc/pipe-proxy"
 PROXY_COMMAND = ("nginx", "-e", "/dev/stderr", "-c", f"{CONF_TARGET}/{CONF_NAME}", "-g", "daemon off;")
 HEADER = "# pipe-serve "
+PROXY_USER = "65534:65534"  # nobody, whoever runs pipe: as root without capabilities nginx fails to chown
 DRAIN_S = 30  # nginx's worker_shutdown_timeout: an old worker closes what is left after this
 
 PROXY_DOCKERFILE = """\
@@ -103,6 +104,7 @@ def write(folder: Path, routing: Routing) -> None:
     """Replace the configuration atomically (temporary name, then rename): nginx never reads half a file. The
     folder is mounted, not the file, so the proxy sees the renamed file."""
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)  # the proxy runs as nobody; runs/ above it stays 0700 (a bind mount skips the parents)
     tmp = folder / f".{CONF_NAME}.tmp"
     tmp.write_text(render(routing), encoding="utf-8")
     tmp.chmod(0o644)
