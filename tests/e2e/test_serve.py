@@ -141,7 +141,7 @@ def test_serve_swaps_under_load_and_keeps_the_old_model_when_the_new_one_is_unhe
     wait_for(lambda: len(load.answers) > 20, what="requests answered before the swap")
     second = retrain(path, "v2 healthy 0.95\n")  # auto-promotion at the end of the run swaps under load
     assert second.returncode == 0, second.stdout + second.stderr
-    wait_for(lambda: load.answers[-1] == "v2 healthy 0.95", what="answers from the new model")
+    swapped_at = len(load.answers)  # the swap (old workers drained) finished before the run returned
     broken = retrain(path, "v3 broken 0.99\n")  # passes its gate, never answers /health
     assert broken.returncode == 0, broken.stdout + broken.stderr
     assert "did not become healthy" in broken.stdout + broken.stderr
@@ -155,8 +155,7 @@ def test_serve_swaps_under_load_and_keeps_the_old_model_when_the_new_one_is_unhe
     assert load.failures == []
     assert served_after_broken == "v2 healthy 0.95" and get(port) == "v2 healthy 0.95"
     assert load.answers[0] == "v1 healthy 0.9"
-    switched = load.answers.index("v2 healthy 0.95")
-    assert set(load.answers[switched:]) == {"v2 healthy 0.95"}  # once switched, never back
+    assert set(load.answers[swapped_at:]) == {"v2 healthy 0.95"}  # once the swap returned, only the new model
     assert "promote_failed" in receiver.events() and "serve_unhealthy" in receiver.events()
     assert "gate_failed" in receiver.events() and receiver.events().count("promoted") == 2
     assert all("secret" not in json.dumps(b) for b in receiver.bodies)
