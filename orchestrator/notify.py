@@ -61,7 +61,7 @@ def _post(target: Notify, data: bytes) -> str:
     request = urllib.request.Request(target.webhook, data=data, method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "pipe"})
     try:
-        with urllib.request.urlopen(request, timeout=target.timeout) as response:  # noqa: S310 - http(s) only (spec)
+        with urllib.request.urlopen(request, timeout=target.timeout) as response:
             response.read(65536)
             return "" if 200 <= response.status < 300 else f"HTTP {response.status}"
     except urllib.error.HTTPError as e:
@@ -78,7 +78,7 @@ def _argv(target: Notify) -> list[str]:
 
 def _run(target: Notify, data: bytes) -> str:
     try:
-        done = subprocess.run(_argv(target), input=data, capture_output=True, timeout=target.timeout, check=False)  # noqa: S603
+        done = subprocess.run(_argv(target), input=data, capture_output=True, timeout=target.timeout, check=False)
     except subprocess.TimeoutExpired:
         return f"timed out after {target.timeout:g} s"
     except OSError as e:

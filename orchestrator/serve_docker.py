@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, TypeVar
 
 import docker
 import docker.errors
@@ -35,6 +35,7 @@ LABEL_SERVE_ROLE = f"{LABEL_PREFIX}.serve.role"  # "proxy" | "replica"
 LABEL_SERVE_RUN = f"{LABEL_PREFIX}.serve.run"
 LABEL_SERVE_DIGEST = f"{LABEL_PREFIX}.serve.digest"
 STOP_GRACE_S = 10
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class ServeEngine:
             top = self._client.api.top(self.proxy_name, ps_args="-o pid,args")
             rows = [(str(row[0]), " ".join(row[1:])) for row in top.get("Processes") or ()]
             return {pid: "shutting down" in args for pid, args in rows if "worker process" in args}
-        return dict(_engine(list_workers))
+        return _engine(list_workers)
 
     def reloaded(self, before: set[str]) -> bool:
         """Whether a reload finished: workers run, none of them from before it, and no old one is left."""
@@ -206,7 +207,7 @@ class ServeEngine:
                     net.remove()
         _engine(rm)
 
-    def logs(self, container_id: str, follow: bool = False, tail: int | str = "all") -> Iterator[bytes]:
+    def logs(self, container_id: str, follow: bool = False, tail: Literal["all"] | int = "all") -> Iterator[bytes]:
         try:
             stream = self._client.api.logs(container_id, stream=True, follow=follow, tail=tail)
             yield from stream
@@ -237,7 +238,7 @@ def healthy(address: str | None, path: str, timeout_s: float) -> bool:
     return answer is not None and 200 <= answer[0] < 300
 
 
-def _engine(action: Callable[[], Any], doing: str = "docker engine unreachable") -> Any:
+def _engine(action: Callable[[], T], doing: str = "docker engine unreachable") -> T:
     try:
         return action()
     except docker.errors.APIError as e:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import notify, serve_proxy
-from orchestrator.api import Loaded, Target, load, open_store, read_store
+from orchestrator.api import Loaded, Target, load, open_store
 from orchestrator.errors import PipeError, ServeError, UsageError
 from orchestrator.executor import ContainerSpec, Mount
-from orchestrator.results import RunStatus, RunSummary
+from orchestrator.results import RunStatus
 from orchestrator.serve_proxy import Routing
 from orchestrator.spec import Pipeline, Serve, Stage
 from orchestrator.store.records import RunInfo, ServeEventInfo
@@ -105,7 +105,7 @@ class _Serving:
     def image(self) -> str:
         from orchestrator import images
 
-        stage = Stage(image=self.serve.image, build=self.serve.build, command=self.serve.command)
+        stage = Stage(image=self.serve.image, build=self.serve.build, command=self.serve.command, env={})
         pipeline = self.pipeline.model_copy(update={"stages": {SERVE_STAGE: stage}}).with_source(self.pipeline.source)
         return images.resolve_images(pipeline, [SERVE_STAGE], self.client, self.loaded.state.images_memo,
                                      lambda _event: None, self.store.hash_memo())[SERVE_STAGE]

@@ -130,7 +130,7 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 outer.tries += 1
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(delay_s)
