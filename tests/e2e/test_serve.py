@@ -214,3 +214,29 @@ def test_serve_recovers_after_sigkill_of_a_promoting_pipe(served: tuple[Path, in
     assert len(replicas()) == 1 and get(port) == "v2 healthy 0.95"
     assert pipe("serve", "down", path).returncode == 0
     assert docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"}) == []
+
+
+def test_a_crashed_replica_is_restarted_recorded_and_notified(served: tuple[Path, int], receiver: Receiver,
+                                                              docker: Any) -> None:
+    path, port = served
+    assert pipe("run", path).returncode == 0
+    assert pipe("serve", "up", path).returncode == 0
+    owner = str(path.parent / "runs")
+    (replica,) = [c for c in docker.containers.list(filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
+                  if c.labels.get(LABEL_SERVE_ROLE) == "replica"]
+    replica.exec_run(["sh", "-c", "kill -9 $(pidof httpd)"])  # the model's process dies; the engine restarts it
+
+    def restarted() -> bool:
+        replica.reload()
+        return int(replica.attrs["RestartCount"]) >= 1 and replica.status == "running"
+
+    wait_for(restarted, what="the engine's restart of the crashed replica")
+    check = pipe("serve", "check", path, "--json")
+    wait_for(lambda: get(port) == "v1 healthy 0.9", what="the restarted replica answering")
+    history = json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]
+    assert history[0]["event"] == "restarted" and history[0]["ok"] is False, check.stdout + check.stderr
+    assert "serve_unhealthy" in receiver.events()
+    again = pipe("serve", "check", path)  # the same restart is recorded once
+    assert again.returncode == 0
+    assert [e["event"] for e in json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]
+            ].count("restarted") == 1
