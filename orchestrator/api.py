@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
-from orchestrator.events import NullReporter, Reporter, RunFinished, RunStarted
+from orchestrator.events import Notice, NullReporter, Reporter, RunFinished, RunStarted
 from orchestrator.overrides import apply_overrides, parse_overrides
 from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
@@ -282,6 +282,10 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
         store.finish_run(run_id, summary.status, summary.exit_code)
+        if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
+            from orchestrator.serve_api import after_run
+            for line in after_run(prepared.loaded, store, summary, request.docker_url):
+                reporter.emit(Notice(line))
         reporter.emit(RunFinished(summary))
         return summary
 

@@ -175,6 +175,91 @@ def gate_accept(
         typer.echo(f"{a.stage}: gate baseline is now run {a.run_id} ({a.metric} = {a.value:g})")
 
 
+serve_app = typer.Typer(no_args_is_help=True, help="Serve the model that passed the gate, behind pipe's proxy.")
+app.add_typer(serve_app, name="serve")
+DockerOpt = Annotated[str | None, typer.Option("--docker", envvar="DOCKER_HOST", help="Docker engine URL.")]
+
+
+def _print_serve(report: Any, json_out: bool) -> None:
+    if json_out:
+        console.print_json(report.to_json())
+    else:
+        console.print_serve(report)
+
+
+@serve_app.command("up")
+def serve_up(pipeline: PipelineArg = DEFAULT_FILE,
+             run: Annotated[str | None, typer.Option("--run", help="Serve this run (default: the one served last, "
+                                                     "else the latest whose gate passed).")] = None,
+             state_dir: StateDirOpt = None, db: DbOpt = None, docker: DockerOpt = None, json_out: JsonOpt = False) -> None:
+    """Start serving and return once the model answers its health check."""
+    from orchestrator import serve_api
+
+    _print_serve(serve_api.up(_target(pipeline, state_dir, db), run, docker), json_out)
+
+
+@serve_app.command("status")
+def serve_status(pipeline: PipelineArg = DEFAULT_FILE,
+                 history: Annotated[bool, typer.Option("--history", help="Every recorded serving event.")] = False,
+                 state_dir: StateDirOpt = None, db: DbOpt = None, docker: DockerOpt = None,
+                 json_out: JsonOpt = False) -> None:
+    """What is served: run, model digest, since when, health, replicas (found by label); writes nothing."""
+    from orchestrator import serve_api
+
+    _print_serve(serve_api.status(_target(pipeline, state_dir, db), history, docker), json_out)
+
+
+@serve_app.command("check")
+def serve_check(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, db: DbOpt = None,
+                docker: DockerOpt = None, json_out: JsonOpt = False) -> None:
+    """Record a health change or a crash restart since the last check, and notify serve_unhealthy (for cron)."""
+    from orchestrator import serve_api
+
+    report = serve_api.check(_target(pipeline, state_dir, db), docker)
+    _print_serve(report, json_out)
+    raise typer.Exit(0 if report.up else 1)
+
+
+@serve_app.command("logs")
+def serve_logs(pipeline: PipelineArg = DEFAULT_FILE,
+               follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow the output.")] = False,
+               state_dir: StateDirOpt = None, db: DbOpt = None, docker: DockerOpt = None) -> None:
+    """The served replicas' output."""
+    from orchestrator import serve_api
+
+    for chunk in serve_api.logs(_target(pipeline, state_dir, db), follow, docker):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+
+@serve_app.command("down")
+def serve_down(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, db: DbOpt = None,
+               docker: DockerOpt = None, json_out: JsonOpt = False) -> None:
+    """Stop serving: remove the proxy, the replicas and the network (also what a killed pipe left)."""
+    from orchestrator import serve_api
+
+    _print_serve(serve_api.down(_target(pipeline, state_dir, db), docker), json_out)
+
+
+@serve_app.command("rollback")
+def serve_rollback(pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, db: DbOpt = None,
+                   docker: DockerOpt = None, json_out: JsonOpt = False) -> None:
+    """Serve the run served before the current one again (without downtime)."""
+    from orchestrator import serve_api
+
+    _print_serve(serve_api.rollback(_target(pipeline, state_dir, db), docker), json_out)
+
+
+@app.command()
+def promote(run: Annotated[str, typer.Argument(help="The run whose model to serve (or `latest`).")],
+            pipeline: PipelineArg = DEFAULT_FILE, state_dir: StateDirOpt = None, db: DbOpt = None,
+            docker: DockerOpt = None, json_out: JsonOpt = False) -> None:
+    """Serve RUN's model: started beside the old one, switched to once healthy, the old one drained."""
+    from orchestrator import serve_api
+
+    _print_serve(serve_api.promote(_target(pipeline, state_dir, db), run, docker), json_out)
+
+
 @app.callback(invoke_without_command=True)
 def _version(
     version: Annotated[bool, typer.Option("--version", help="Print pipe's version and exit.", is_eager=True)] = False,

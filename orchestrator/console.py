@@ -619,3 +619,31 @@ def describe_pruned(run_id: str, at: datetime) -> str:
 def pruned_json(at: datetime | None) -> str | None:
     """`pipe show --json`'s outputs_pruned_at: when gc removed the run's folder, or null."""
     return iso_utc(at)
+
+
+def print_serve(report: Any) -> None:
+    """`pipe serve ...` and `pipe promote`: one line, the replicas, and the history when asked."""
+    out = _out()
+    head = f"{report.pipeline}: {report.message}"
+    if report.run_id:
+        head += f"; run {report.run_id}, model {str(report.digest or '')[:12]}"
+    if report.since:
+        head += f", since {report.since}"
+    if report.up:
+        head += f", at http://{report.publish}"
+    out.print(Text(head))
+    if report.replicas:
+        table = _table("replica", "run", "status", "restarts", "healthy", "requests")
+        for r in report.replicas:
+            table.add_row(Text(r["name"]), Text(r["run_id"]), Text(r["status"]), str(r["restarts"]),
+                          "" if "healthy" not in r else ("yes" if r["healthy"] else "no"),
+                          "" if r.get("requests") is None else str(r["requests"]))
+        out.print(table)
+    if report.history:
+        table = _table("at", "event", "run", "digest", "ok", "detail")
+        for e in report.history:
+            table.add_row(_local_time(e.at), Text(e.event), Text(e.run_id or ""), Text((e.digest or "")[:12]),
+                          "yes" if e.ok else "no", Text(e.detail))
+        out.print(table)
+    for problem in report.problems:
+        warn(problem)

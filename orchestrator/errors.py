@@ -81,3 +81,9 @@ class RemoteError(PipeError):
     """The remote object store refused or failed a request (credentials, bucket, network): one line, no secret."""
 
     exit_code = ExitCode.INFRA
+
+
+class ServeError(PipeError):
+    """Serving failed: a new model never became healthy (the old one keeps serving), or nothing can be served."""
+
+    exit_code = ExitCode.FAILED

@@ -93,6 +93,7 @@ def _check_loaded(pipeline: Pipeline) -> Pipeline:
     _check_needs(pipeline)
     _check_paths(pipeline)
     _check_machine(pipeline)
+    _check_serve(pipeline)
     schedule = pipeline.schedule
     if schedule is not None and (problem := _schedule_problem(schedule.cron, schedule.timezone)):
         raise pipeline.error(f"schedule.{problem[0]}", problem[1])
@@ -325,3 +326,22 @@ def _schedule_problem(expression: str, timezone: str) -> tuple[str, str] | None:
     from orchestrator import cron  # croniter is slow to import and most pipelines have no schedule
 
     return cron.schedule_problem(expression, timezone)
+
+
+def _check_serve(pipeline: Pipeline) -> None:
+    """`serve.model` names a stage, and a `serve.build` context is a folder with its Dockerfile inside the folder."""
+    serve = pipeline.serve
+    if serve is None:
+        return
+    if serve.model not in pipeline.stages:
+        close = difflib.get_close_matches(serve.model, pipeline.stages, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"stages: {listing(pipeline.stages)}"
+        raise pipeline.error("serve.model", f"unknown stage {serve.model!r} ({hint})")
+    if serve.build is not None:
+        root = Path(os.path.realpath(pipeline.root))
+        context = _check_inside(pipeline, root, serve.build.context, "serve.build.context")
+        if not context.is_dir():
+            raise pipeline.error("serve.build.context", f"{serve.build.context!r} is not a folder")
+        dockerfile = posixpath.join(serve.build.context, serve.build.dockerfile)
+        if not _check_inside(pipeline, root, dockerfile, "serve.build.dockerfile").is_file():
+            raise pipeline.error("serve.build.dockerfile", f"{dockerfile!r} is not a file")

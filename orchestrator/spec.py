@@ -288,6 +288,92 @@ class Schedule(_Model):
     catchup: StrictBool = False
 
 
+PUBLISH_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"  # HOST:PORT, loopback unless asked
+URL_PATTERN = r"^https?://[^\s]+$"
+NotifyEvent = Literal["failed", "gate_failed", "promoted", "promote_failed", "rolled_back", "serve_unhealthy"]
+
+
+class Health(_Model):
+    """How pipe judges a serving replica: GET `path` answers 2xx within `timeout`, `healthy_after` times in a row."""
+
+    path: Annotated[str, Field(pattern=r"^/")] = "/health"
+    interval: Seconds = 2.0
+    timeout: Seconds = 1.0
+    healthy_after: Annotated[WholeNumber, Field(ge=1, le=100)] = 1
+    start_timeout: Seconds = 60.0  # a new replica not healthy by then is stopped; the old one keeps serving
+
+
+class Serve(_Model):
+    """The `serve:` block: which stage's outputs are the model, and the container that answers requests."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["image"], "properties": {"image": {"type": "string"}}},
+                  {"required": ["build"], "properties": {"build": {"not": {"type": "null"}}}}],
+    })
+
+    model: StageName  # that stage's outputs are mounted read-only at /model
+    image: Annotated[str, Field(min_length=1)] | None = None
+    build: Annotated[Build | None, BeforeValidator(_build, json_schema_input_type=RelativePath | Build | None)] = None
+    command: Command | None = None
+    port: Annotated[WholeNumber, Field(ge=1, le=65535)] = 8080  # the container's port
+    publish: Annotated[str, Field(pattern=PUBLISH_PATTERN)] = "127.0.0.1:8080"
+    health: Health = Health()
+    replicas: Annotated[WholeNumber, Field(ge=1, le=16)] = 1
+    resources: Resources = Resources()
+    env: dict[EnvName, str] = Field({}, json_schema_extra={"additionalProperties": False})
+    promote: Literal["auto", "manual"] = "auto"
+    restarts: Annotated[WholeNumber, Field(ge=0, le=100)] = 3  # the engine restarts a crashed replica this often
+
+    @field_validator("publish")
+    @classmethod
+    def _port_in_range(cls, value: str) -> str:
+        if not 1 <= int(value.rpartition(":")[2]) <= 65535:
+            raise ValueError(f"{value!r}: the port must be 1 to 65535")
+        return value
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> Self:
+        if self.image is not None and self.build is not None:
+            raise keyed_error("image", "set either 'image' or 'build', not both")
+        if self.image is None and self.build is None:
+            raise keyed_error("", "needs 'image' (an existing image) or 'build' (a folder with a Dockerfile)")
+        return self
+
+    @property
+    def publish_host(self) -> str:
+        return self.publish.rpartition(":")[0].strip("[]")
+
+    @property
+    def publish_port(self) -> int:
+        return int(self.publish.rpartition(":")[2])
+
+    def argv(self) -> tuple[str, ...] | None:
+        return ("/bin/sh", "-c", self.command) if isinstance(self.command, str) else self.command
+
+
+class Notify(_Model):
+    """One `notify:` target: a webhook (POST JSON) or a command (the JSON on its stdin), for the events named."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["webhook"], "properties": {"webhook": {"type": "string"}}},
+                  {"required": ["command"], "properties": {"command": {"not": {"type": "null"}}}}],
+    })
+
+    webhook: Annotated[str, Field(pattern=URL_PATTERN)] | None = None
+    command: Command | None = None
+    events: tuple[NotifyEvent, ...] = ("failed", "gate_failed", "promoted", "promote_failed", "serve_unhealthy")
+    timeout: Seconds = 5.0
+    retries: Annotated[WholeNumber, Field(ge=0, le=10)] = 2
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if self.webhook is not None and self.command is not None:
+            raise keyed_error("webhook", "set either 'webhook' or 'command', not both")
+        if self.webhook is None and self.command is None:
+            raise keyed_error("", "needs 'webhook' (a URL to POST JSON to) or 'command' (JSON on its stdin)")
+        return self
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a Pipeline came from: its file and the line of every dotted key."""
@@ -310,6 +396,8 @@ class Pipeline(_Model):
     defaults: Defaults = Defaults()
     schedule: Schedule | None = None
     secrets_file: str | None = None  # KEY=VALUE lines, outside the repository; the environment wins
+    serve: Serve | None = None
+    notify: tuple[Notify, ...] = ()
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
 
     def with_source(self, source: Source) -> Pipeline:

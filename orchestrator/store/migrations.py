@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _frozen = MetaData()
 
@@ -145,6 +145,20 @@ _gate_baseline = Table(
     Index("ix_gate_baseline_lookup", "pipeline", "stage", "metric", "accepted_at"),
 )
 
+# --- v5: serving (issue 18): promotions, rollbacks, start, stop and health changes of the served model -------
+_serve_event = Table(
+    "serve_event", _frozen,
+    Column("id", Integer, primary_key=True),
+    Column("pipeline", String(128), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("run_id", String(32), ForeignKey("run.id", ondelete="SET NULL")),
+    Column("digest", String(128)),
+    Column("ok", Boolean, nullable=False),
+    Column("detail", Text, nullable=False),
+    Index("ix_serve_event_pipeline_at", "pipeline", "at", "id"),
+)
+
 
 def _to_v1(conn: Connection) -> None:
     _frozen.create_all(conn, tables=[_schema_version, _run, _stage_run, _artifact, _metric, _file_hash])
@@ -173,7 +187,11 @@ def _to_v4(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE run ADD COLUMN git_dirty BOOLEAN"))
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4}
+def _to_v5(conn: Connection) -> None:
+    _serve_event.create(conn)
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
 assert sorted(STEPS) == list(range(1, SCHEMA_VERSION + 1)), "one migration step per schema version"
 
 

@@ -1,4 +1,4 @@
-"""The history schema as typed SQLAlchemy 2.0 mapped classes (schema v4); they never leave `store/`.
+"""The history schema as typed SQLAlchemy 2.0 mapped classes (schema v5); they never leave `store/`.
 
 The tables are created and upgraded by `migrations.py`, not by `create_all`; a test keeps the two in step.
 """
@@ -204,3 +204,20 @@ class GateBaselineRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
     value: Mapped[float] = mapped_column(Float)
     accepted_at: Mapped[datetime]
+
+
+class ServeEventRow(Base):
+    """What happened to the served model: started, stopped, promoted, promote_failed, rolled_back, healthy,
+    unhealthy, restarted (schema v5). `ok` is False for a failure (a promotion refused by its health check)."""
+
+    __tablename__ = "serve_event"
+    __table_args__ = (Index("ix_serve_event_pipeline_at", "pipeline", "at", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(NAME_LEN))
+    at: Mapped[datetime]
+    event: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("run.id", ondelete="SET NULL"))
+    digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN))
+    ok: Mapped[bool]
+    detail: Mapped[str] = mapped_column(Text)

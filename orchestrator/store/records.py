@@ -163,3 +163,20 @@ class TickInfo:
     def to_json(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "due_at": iso_utc(self.due_at), "action": self.action,
                 "reason": self.reason, "run_id": self.run_id, "recorded_at": iso_utc(self.recorded_at)}
+
+
+@dataclass(frozen=True)
+class ServeEventInfo:
+    """One recorded serving event (`pipe serve status --history`)."""
+
+    pipeline: str
+    at: datetime
+    event: str
+    run_id: str | None
+    digest: str | None
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": iso_utc(self.at), "event": self.event, "run_id": self.run_id, "digest": self.digest,
+                "ok": self.ok, "detail": self.detail}

@@ -26,12 +26,21 @@ from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
 from orchestrator.store.db import WRITE, describe, one_line, open_engine
 from orchestrator.store.hashmemo import SqlHashMemo
 from orchestrator.store.lease import HEARTBEAT_S, LEASE_S, Heartbeat, Owner, gone, process_identity, this_host
-from orchestrator.store.models import ArtifactRow, GateBaselineRow, MetricRow, RunRow, StageRunRow, TickRow
+from orchestrator.store.models import (
+    ArtifactRow,
+    GateBaselineRow,
+    MetricRow,
+    RunRow,
+    ServeEventRow,
+    StageRunRow,
+    TickRow,
+)
 from orchestrator.store.records import (
     TICK_ACTIONS,
     TRIGGERS,
     MetricPoint,
     RunInfo,
+    ServeEventInfo,
     StageRunInfo,
     TickAction,
     TickInfo,
@@ -356,6 +365,26 @@ class Store:
                              reason=t.reason, run_id=t.run_id, recorded_at=t.recorded_at)
                     for t in session.scalars(query)]
 
+    # --- serving (issue 18) --------------------------------------------------------------------------------
+
+    def record_serve_event(self, pipeline: str, event: str, run_id: str | None = None, digest: str | None = None,
+                           ok: bool = True, detail: str = "") -> ServeEventInfo:
+        """Record one serving event of `pipeline` (a run id not in history is kept as None, never refused)."""
+        with self._write() as session:
+            known = run_id if run_id is None or session.get(RunRow, run_id) is not None else None
+            row = ServeEventRow(pipeline=pipeline, at=_now(), event=event, run_id=known, digest=digest, ok=ok,
+                                detail=detail)
+            session.add(row)
+            session.flush()
+            return _serve_event_info(row)
+
+    def serve_events(self, pipeline: str, limit: int | None = 50) -> list[ServeEventInfo]:
+        """`pipeline`'s serving events, newest first."""
+        query = select(ServeEventRow).where(ServeEventRow.pipeline == pipeline) \
+            .order_by(ServeEventRow.at.desc(), ServeEventRow.id.desc()).limit(limit)
+        with self._read() as session:
+            return [_serve_event_info(row) for row in session.scalars(query)]
+
     # --- sessions and rows ---------------------------------------------------------------------------------
 
     @contextmanager
@@ -478,3 +507,8 @@ def _stage_info(row: StageRunRow) -> StageRunInfo:
         artifacts=tuple(Artifact(path=a.path, size=a.size, digest=a.digest) for a in row.artifacts),
         metrics={m.name: m.value for m in row.metrics}, gate_passed=row.gate_passed,
         warnings=tuple(row.warnings or ()))
+
+
+def _serve_event_info(row: ServeEventRow) -> ServeEventInfo:
+    return ServeEventInfo(pipeline=row.pipeline, at=row.at, event=row.event, run_id=row.run_id, digest=row.digest,
+                          ok=row.ok, detail=row.detail)

@@ -1,0 +1,242 @@
+"""Serving on real containers and real HTTP on loopback: up, a swap under load with zero failed requests, a model
+that never becomes healthy keeps the old one serving (recorded, notified), gate-failed runs refused, rollback,
+down leaves nothing, and recovery after SIGKILL of the pipe that was swapping.
+
+The model is busybox's httpd serving the files the `train` stage wrote (`health`, `metadata`), so a test needs no
+Python image: a model without a `health` file answers 404 there, which is an unhealthy model.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.serve_docker import LABEL_SERVE_OWNER, LABEL_SERVE_ROLE, slug
+from tests.conftest import wait_for
+from tests.e2e.helpers import pipe, start_pipe
+
+TRAIN = ("cp /workspace/model.txt /outputs/metadata; "
+         "if grep -q healthy /workspace/model.txt; then echo ok > /outputs/health; fi; "
+         "awk '{print \"{\\\"score\\\": \" $3 \"}\"}' /workspace/model.txt > /outputs/metrics.json")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Receiver:
+    """A webhook receiver on loopback: keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> list[str]:
+        return [b["event"] for b in self.bodies]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture
+def served(docker: Any, make_pipeline: Callable[..., Path], receiver: Receiver) -> Iterator[tuple[Path, int]]:
+    port = free_port()
+    path = make_pipeline({
+        "name": "servetest",
+        "stages": {
+            "train": {"image": "pipe-busybox:latest", "command": TRAIN, "inputs": ["model.txt"],
+                      "metrics": "metrics.json", "gate": {"metric": "score", "min": 0.5}},
+        },
+        "serve": {"model": "train", "image": "pipe-busybox:latest",
+                  "command": ["httpd", "-f", "-p", "8080", "-h", "/model"], "port": 8080,
+                  "publish": f"127.0.0.1:{port}", "resources": {"memory": "64m", "pids": 64},
+                  "health": {"path": "/health", "interval": "200ms", "timeout": "1s", "healthy_after": 2,
+                             "start_timeout": "4s"}},
+        "notify": [{"webhook": receiver.url, "timeout": "2s", "retries": 1}],
+    }, files={"model.txt": "v1 healthy 0.9\n"})
+    yield path, port
+    pipe("serve", "down", path)
+    owner = str(path.parent / "runs")
+    left = docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
+    for c in left:
+        c.remove(force=True)
+    assert not left, f"serving containers left behind: {[c.name for c in left]}"
+
+
+def get(port: int, path: str = "/metadata") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read().decode().strip()
+
+
+class Load:
+    """Requests in a loop from a thread until stopped (bounded), counting failures and what answered."""
+
+    def __init__(self, port: int, limit: int = 200_000) -> None:
+        self.port, self.limit = port, limit
+        self.failures: list[str] = []
+        self.answers: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        for _ in range(self.limit):
+            if self.stop.is_set():
+                return
+            try:
+                self.answers.append(get(self.port))
+            except (urllib.error.URLError, OSError) as e:
+                self.failures.append(repr(e))
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def retrain(path: Path, model: str) -> Any:
+    (path.parent / "model.txt").write_text(model)
+    return pipe("run", path)
+
+
+def test_serve_swaps_under_load_and_keeps_the_old_model_when_the_new_one_is_unhealthy(
+        served: tuple[Path, int], receiver: Receiver, docker: Any) -> None:
+    path, port = served
+    first = pipe("run", path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    up = pipe("serve", "up", path, "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert json.loads(up.stdout)["up"] is True
+    assert get(port) == "v1 healthy 0.9"
+
+    load = Load(port)
+    wait_for(lambda: len(load.answers) > 20, what="requests answered before the swap")
+    second = retrain(path, "v2 healthy 0.95\n")  # auto-promotion at the end of the run swaps under load
+    assert second.returncode == 0, second.stdout + second.stderr
+    swapped_at = len(load.answers)  # the swap (old workers drained) finished before the run returned
+    broken = retrain(path, "v3 broken 0.99\n")  # passes its gate, never answers /health
+    assert broken.returncode == 0, broken.stdout + broken.stderr
+    assert "did not become healthy" in broken.stdout + broken.stderr
+    served_after_broken = get(port)
+    gated = retrain(path, "v4 healthy 0.1\n")  # fails its gate: exit 1, never promoted
+    assert gated.returncode == 1
+    count = len(load.answers)
+    wait_for(lambda: len(load.answers) > count + 20, what="requests after the failed promotion")
+    load.finish()
+
+    assert load.failures == []
+    assert served_after_broken == "v2 healthy 0.95" and get(port) == "v2 healthy 0.95"
+    assert load.answers[0] == "v1 healthy 0.9"
+    assert set(load.answers[swapped_at:]) == {"v2 healthy 0.95"}  # once the swap returned, only the new model
+    assert "promote_failed" in receiver.events() and "serve_unhealthy" in receiver.events()
+    assert "gate_failed" in receiver.events() and receiver.events().count("promoted") == 2
+    assert all("secret" not in json.dumps(b) for b in receiver.bodies)
+
+    runs = json.loads(pipe("runs", path, "--json").stdout)
+    gated_run = runs[0]["id"]
+    refused = pipe("promote", gated_run, path)
+    assert refused.returncode == 2 and "gate failed" in refused.stderr
+
+    status = json.loads(pipe("serve", "status", path, "--history", "--json").stdout)
+    events = [e["event"] for e in status["history"]]
+    assert status["up"] is True and status["run_id"] == runs[2]["id"]
+    assert events[:4] == ["promote_failed", "unhealthy", "promoted", "started"]
+    assert sum(1 for r in status["replicas"] if r["routed"]) == 1
+
+    load = Load(port)
+    back = pipe("serve", "rollback", path, "--json")
+    assert back.returncode == 0, back.stdout + back.stderr
+    wait_for(lambda: load.answers and load.answers[-1] == "v1 healthy 0.9", what="answers after the rollback")
+    load.finish()
+    assert load.failures == []
+
+    down = pipe("serve", "down", path)
+    assert down.returncode == 0, down.stderr
+    owner = str(path.parent / "runs")
+    assert docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"}) == []
+    assert docker.networks.list(names=[f"pipe-serve-{slug(owner)}"]) == []
+    with pytest.raises((urllib.error.URLError, OSError)):
+        get(port)
+
+
+def test_serve_recovers_after_sigkill_of_a_promoting_pipe(served: tuple[Path, int], docker: Any) -> None:
+    path, port = served
+    assert pipe("run", path).returncode == 0
+    assert pipe("serve", "up", path).returncode == 0
+    (path.parent / "model.txt").write_text("v2 healthy 0.95\n")
+    done = pipe("run", path, "-p", "+train.x=1")  # the hook swaps; a second run id to promote back and forth
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads(pipe("runs", path, "--json").stdout)
+    owner = str(path.parent / "runs")
+
+    def replicas() -> list[Any]:
+        return [c for c in docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
+                if c.labels.get(LABEL_SERVE_ROLE) == "replica"]
+
+    promoting = start_pipe("promote", runs[1]["id"], path)
+    wait_for(lambda: len(replicas()) == 2, what="the new replica beside the old one")
+    promoting.send_signal(signal.SIGKILL)
+    promoting.wait(timeout=30)
+
+    assert get(port) == "v2 healthy 0.95"  # the proxy was not switched: the old model serves
+    status = json.loads(pipe("serve", "status", path, "--json").stdout)
+    assert status["up"] is True and len(status["replicas"]) == 2
+    again = pipe("serve", "up", path, "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(replicas()) == 1 and get(port) == "v2 healthy 0.95"
+    assert pipe("serve", "down", path).returncode == 0
+    assert docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"}) == []
+
+
+def test_a_crashed_replica_is_restarted_recorded_and_notified(served: tuple[Path, int], receiver: Receiver,
+                                                              docker: Any) -> None:
+    path, port = served
+    assert pipe("run", path).returncode == 0
+    assert pipe("serve", "up", path).returncode == 0
+    owner = str(path.parent / "runs")
+    (replica,) = [c for c in docker.containers.list(filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
+                  if c.labels.get(LABEL_SERVE_ROLE) == "replica"]
+    replica.exec_run(["sh", "-c", "kill -9 $(pidof httpd)"])  # the model's process dies; the engine restarts it
+
+    def restarted() -> bool:
+        replica.reload()
+        return int(replica.attrs["RestartCount"]) >= 1 and replica.status == "running"
+
+    wait_for(restarted, what="the engine's restart of the crashed replica")
+    check = pipe("serve", "check", path, "--json")
+    wait_for(lambda: get(port) == "v1 healthy 0.9", what="the restarted replica answering")
+    history = json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]
+    assert history[0]["event"] == "restarted" and history[0]["ok"] is False, check.stdout + check.stderr
+    assert "serve_unhealthy" in receiver.events()
+    again = pipe("serve", "check", path)  # the same restart is recorded once
+    assert again.returncode == 0
+    assert [e["event"] for e in json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]
+            ].count("restarted") == 1
