@@ -251,7 +251,7 @@ def plot(target: api.Target, names: Iterable[str], out: Path, x: str = "run", li
     return data
 
 
-def plot_series(target: api.Target, names: Iterable[str], limit: int = 200) -> PlotData:
+def plot_series(target: api.Target, names: Iterable[str] = (), limit: int = 200) -> PlotData:
     with history(target) as h:
         return plot_data(h, names, limit)
 

@@ -60,7 +60,10 @@ def write(data: PlotData, out: Path, x: str = "run") -> None:
 def svg(data: PlotData, x: str = "run", width: float = 8.0, height: float = 3.6) -> str:
     """The chart as an <svg> element to put inline in HTML: no XML prolog, DOCTYPE or metadata (so no URL)."""
     text = render(data, "svg", x, width, height).decode("utf-8")
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    for namespace in (' xmlns:xlink="http://www.w3.org/1999/xlink"', ' xmlns="http://www.w3.org/2000/svg"'):
+        text = text.replace(namespace, "", 1)  # HTML knows both: inline, the page names no URL at all
+    return text
 
 
 def render(data: PlotData, fmt: str, x: str = "run", width: float = 8.0, height: float = 3.6) -> bytes:
