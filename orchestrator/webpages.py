@@ -25,6 +25,7 @@ def page(title: str, current: str, body: str, kind: str, data: dict[str, str] | 
     attributes = "".join(f' data-{k}="{esc(v)}"' for k, v in (data or {}).items())
     text = document(title, body, nav(current), "")
     text = text.replace("<body>", f'<body data-page="{kind}"{attributes}>', 1)
+    text = text.replace("</head>", '<link rel="icon" href="data:,"></head>', 1)  # no /favicon.ico 404
     return text.replace("</body>", '<script src="/static/app.js"></script></body>', 1)
 
 
