@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator import explore, webui
 from orchestrator import api as pipe_api
+from orchestrator import explore, webui
 from tests.conftest import wait_for
 from tests.history import Made, make_history, run
 from tests.ui_server import serve
@@ -147,7 +147,7 @@ def test_a_live_run_updates_without_a_reload(browser: Any, server: webui.UIServe
 
 
 def test_the_token_is_enforced_in_the_browser(browser: Any, made: Made) -> None:
-    with serve(made.path, host="0.0.0.0") as server:  # noqa: S104 - reached on loopback only
+    with serve(made.path, host="0.0.0.0") as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         browser.delete_all_cookies()
         browser.get(url)

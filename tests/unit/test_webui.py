@@ -72,7 +72,7 @@ def test_the_json_is_the_clis(server: webui.UIServer, made: Made) -> None:
 
 
 def test_off_loopback_a_token_is_generated_and_every_request_without_it_refused(made: Made) -> None:
-    with serve(made.path, host="0.0.0.0") as server:  # noqa: S104 - the point of the test; reached on loopback
+    with serve(made.path, host="0.0.0.0") as server:
         assert server.generated_token and server.token and len(server.token) >= 24
         for path in ("/", f"/runs/{made.broken}", "/api/runs", f"/runs/{made.better}/artifacts/train/model.bin",
                      "/static/app.js"):
@@ -153,7 +153,7 @@ def test_cli_prints_the_url_and_the_generated_token(made: Made) -> None:
     import sys
 
     process = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", str(made.path), "--port", "0",
-                                "--host", "0.0.0.0"], stdout=subprocess.PIPE, text=True)  # noqa: S104
+                                "--host", "0.0.0.0"], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         url, token = process.stdout.readline(), process.stdout.readline()
