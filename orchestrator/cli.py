@@ -390,18 +390,128 @@ def dag(pipeline: PipelineArg = DEFAULT_FILE,
 def metrics(
     pipeline: PipelineArg = DEFAULT_FILE,
     diff: Annotated[bool, typer.Option("--diff", help="Show the change from the previous run.")] = False,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 10,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    since: Annotated[str | None, typer.Option("--since", help="Runs since 7d, 12h or a date.")] = None,
+    all_runs: Annotated[bool, typer.Option("--all", help="Also the runs whose metrics were cached repeats.")]
+    = False,
+    metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="Only this metric (r2 = *.r2).")] = None,
+    sort: Annotated[bool, typer.Option("--sort", help="Best first by the first --metric (largest).")] = False,
+    ascending: Annotated[bool, typer.Option("--ascending", help="With --sort: smallest first.")] = False,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Metrics of the stages that declare `metrics:`, across runs."""
-    found = api.metric_history(_target(pipeline, state_dir, db), limit)
+    """Metrics across runs, newest first, with their params and status; cached repeats folded in."""
+    from orchestrator import explore
+
+    if diff:  # the change from the run before, oldest first as before
+        found = api.metric_history(_target(pipeline, state_dir, db), limit)
+        if json_out:
+            console.print_json([{"run_id": run_id, "metrics": values}
+                                for run_id, values in console.metrics_by_run(found).items()])
+        else:
+            console.print_metrics(found, diff)
+        return
+    table = explore.metrics_table(_target(pipeline, state_dir, db), since=since, limit=limit, all_runs=all_runs,
+                                  metrics=metric or (), sort=sort, ascending=ascending)
     if json_out:
-        console.print_json([{"run_id": run_id, "metrics": values}
-                            for run_id, values in console.metrics_by_run(found).items()])
+        console.print_json(table.to_json())
     else:
-        console.print_metrics(found, diff)
+        console.print_metrics_table(table)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="A run id, prefix, latest, latest~N or promoted.")],
+    run_b: Annotated[str, typer.Argument(help="The run to compare it with (same forms).")] = "latest",
+    pipeline: PipelineArg = DEFAULT_FILE,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Two runs side by side: params and metrics that differ, stages that re-ran and why, digests, durations."""
+    from orchestrator import explore
+
+    comparison = explore.compare_runs(_target(pipeline, state_dir, db), run_a, run_b)
+    if json_out:
+        console.print_json(comparison.to_json())
+    else:
+        console.print_compare(comparison)
+
+
+@app.command()
+def plot(
+    names: Annotated[list[str] | None, typer.Argument(help="Metrics (default: all); r2 matches evaluate.r2.",
+                                                      show_default=False)] = None,
+    pipeline: Annotated[Path, typer.Option("--pipeline", "-f", help="The pipeline file.")] = DEFAULT_FILE,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a chart: plot.png or plot.svg.")]
+    = None,
+    x: Annotated[str, typer.Option("--x", help="run (number) or time.")] = "run",
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="The latest N runs with metrics.")] = 200,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Metrics across runs: a sparkline each in the terminal, and with -o a chart with gates and promoted runs."""
+    from orchestrator import explore
+
+    if x not in ("run", "time"):
+        raise UsageError(f"--x must be run or time, not {x!r}")
+    target = _target(pipeline, state_dir, db)
+    if output is not None:
+        data = explore.plot(target, names or (), output, x=x, limit=limit)
+    else:
+        data = explore.plot_series(target, names or (), limit=limit)
+    if json_out:
+        console.print_json({**data.to_json(), "output": str(output) if output else None})
+        return
+    console.print_sparklines(data)
+    if output is not None:
+        console.note(f"wrote {output}")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="Run id, prefix, latest, latest~N or promoted.")] = "latest",
+    pipeline: PipelineArg = DEFAULT_FILE,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """One self-contained HTML page of a run: DAG by status, reasons, durations, resources, artifacts, metrics
+    with their trend, params and log tails. Opens without any network."""
+    from orchestrator import explore
+
+    page = explore.write_report(_target(pipeline, state_dir, db), run_id, output)
+    typer.echo(f"wrote {output} (run {page.run.id})")
+
+
+@app.command()
+def ui(
+    pipeline: PipelineArg = DEFAULT_FILE,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="0: any free port.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Loopback by default; any other needs a token.")]
+    = "127.0.0.1",
+    token: Annotated[str | None, typer.Option("--token", envvar="PIPE_UI_TOKEN", help="Required on every request "
+                                                                                      "(generated off loopback).")]
+    = None,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """A read-only web UI of the history: runs, a run's DAG and logs, metrics charts, compare, schedules."""
+    from orchestrator import webui
+
+    server = webui.make_server(_target(pipeline, state_dir, db), host, port, token)
+    typer.echo(f"pipe ui: {server.url}", nl=True)
+    if server.generated_token:
+        typer.echo(f"token (required on every request): {server.token}")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @cache_app.command("ls")

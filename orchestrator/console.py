@@ -647,3 +647,98 @@ def print_serve(report: Any) -> None:
         out.print(table)
     for problem in report.problems:
         warn(problem)
+
+
+# ---- compare, metrics table, sparklines (issue 19) ---------------------------------------------------------------
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One character a value, scaled between the smallest and the largest ("▁▄█")."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = high - low
+    return "".join(SPARKS[int((v - low) / span * (len(SPARKS) - 1) + 0.5) if span else len(SPARKS) // 2]
+                   for v in values)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _change(delta: float | None, relative: float | None) -> Text:
+    if delta is None:
+        return Text("")
+    text = f"{delta:+.4g}" + (f" ({relative:+.1%})" if relative is not None else "")
+    return Text(text, style="green" if delta > 0 else "red" if delta < 0 else "dim")
+
+
+def print_compare(comparison: Any) -> None:
+    from orchestrator.compare import show_value
+
+    a, b = comparison.a, comparison.b
+    console = _out()
+    console.print(Text(f"A  {run_title(a)}", style="bold"))
+    console.print(Text(f"B  {run_title(b)}", style="bold"))
+    if comparison.params:
+        table = _table("param", "A", "B")
+        for c in comparison.params:
+            table.add_row(Text(c.name), Text(show_value(c.a)), Text(show_value(c.b)))
+        console.print(table)
+    else:
+        console.print(Text("params: the same"))
+    if comparison.metrics:
+        table = _table("metric", "A", "B", "change")
+        for m in comparison.metrics:
+            table.add_row(Text(m.name), _num(m.a), _num(m.b), _change(m.delta, m.relative))
+        console.print(table)
+    table = _table("stage", "A", "B", "time A", "time B", "why B re-ran / what differs")
+    for s in comparison.stages:
+        notes = list(s.reasons) if s.reran else [r for r in s.reasons if r.startswith("not in")]
+        if s.image_a != s.image_b and s.image_a and s.image_b:
+            notes.append(f"image {s.image_a[:19]} -> {s.image_b[:19]}")
+        notes += [f"input {c.name} {(c.a or '-')[:8]}.. -> {(c.b or '-')[:8]}.." for c in s.inputs
+                  if not any(r.startswith(f"input {c.name}") for r in notes)]
+        if s.outputs_differ and s.outputs_a and s.outputs_b:
+            notes.append(f"outputs {s.outputs_a[:8]}.. -> {s.outputs_b[:8]}..")
+        table.add_row(s.stage, Text(s.status_a or "-", style=STYLE.get(s.status_a or "", "")),
+                      Text(s.status_b or "-", style=STYLE.get(s.status_b or "", "")), _dur(s.duration_a),
+                      _dur(s.duration_b), Text("; ".join(notes) or ("re-ran" if s.reran else "")))
+    console.print(table)
+
+
+def print_metrics_table(table_data: Any) -> None:
+    """`pipe metrics`: newest first, the params that vary, status (a gate failure in red), metrics."""
+    params, names = table_data.varying_params, table_data.metric_names
+    table = _table("run", "started", "status", *params, *names)
+    for row in table_data.rows:
+        run = row.run
+        status = Text(str(run.status), style=STYLE.get(str(run.status), ""))
+        if row.gate_failed:
+            status = Text("gate failed", style="bold red")
+        if row.repeats:
+            status.append(f" +{len(row.repeats)} cached", style="dim")
+        elif row.cached_from:
+            status.append(f" (cached from {row.cached_from})", style="dim")
+        table.add_row(run.id, _local_time(run.started_at), status,
+                      *(Text(_param(row.params.get(p))) for p in params),
+                      *(_num(row.metrics.get(n)) for n in names))
+    _out().print(table)
+
+
+def _param(value: Any) -> str:
+    return "" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def print_sparklines(data: Any) -> None:
+    console = _out()
+    width = max((len(s.name) for s in data.series), default=0)
+    for s in data.series:
+        values = [p.value for p in s.points]
+        if not values:
+            continue
+        line = f"{s.name:<{width}}  {sparkline(values)}  {values[0]:.4g} -> {values[-1]:.4g}"
+        line += f"  (min {min(values):.4g}, max {max(values):.4g}, {plural(len(values), 'run')})"
+        console.print(Text(line))

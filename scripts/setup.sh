@@ -10,4 +10,7 @@ fi
 if [ "$(id -u)" = 0 ] && ! command -v mkfs.xfs >/dev/null; then  # the reflink test mounts a small XFS loop file
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null
 fi
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then  # the web UI's browser tests
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

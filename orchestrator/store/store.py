@@ -434,6 +434,38 @@ class Store:
             session.add(row)
         return row
 
+    # --- read-only views for compare, metrics, plot, report and ui (issue 19) ---------------------------------
+
+    def runs_window(self, pipeline: str, *, since: datetime | None = None, before: datetime | None = None,
+                    limit: int = 50, offset: int = 0, with_stages: bool = True) -> list[RunInfo]:
+        """Runs of `pipeline` started at or after `since` (and before `before`), newest first, `offset` skipped."""
+        query = _newest(pipeline)
+        if since is not None:
+            query = query.where(RunRow.started_at >= since)
+        if before is not None:
+            query = query.where(RunRow.started_at < before)
+        if with_stages:
+            query = query.options(*_WITH_STAGES)
+        with self._read() as session:
+            return _run_infos(session, session.scalars(query.offset(offset).limit(limit)).all(), with_stages)
+
+    def count_runs(self, pipeline: str) -> int:
+        with self._read() as session:
+            return session.scalar(select(func.count()).select_from(RunRow).where(RunRow.pipeline == pipeline)) or 0
+
+    def latest_gate_pass(self, pipeline: str) -> str | None:
+        """The id of the latest succeeded run of `pipeline` in which a stage passed its gate, or None."""
+        passed = select(StageRunRow.id).where(StageRunRow.run_id == RunRow.id, StageRunRow.gate_passed.is_(True))
+        query = _newest(pipeline).with_only_columns(RunRow.id) \
+            .where(RunRow.status == RunStatus.SUCCEEDED, passed.exists()).limit(1)
+        with self._read() as session:
+            return session.scalars(query).first()
+
+    def latest_success_run(self, pipeline: str) -> str | None:
+        query = _newest(pipeline).with_only_columns(RunRow.id).where(RunRow.status == RunStatus.SUCCEEDED).limit(1)
+        with self._read() as session:
+            return session.scalars(query).first()
+
 
 def _newest(pipeline: str) -> Select[RunRow]:
     return select(RunRow).where(RunRow.pipeline == pipeline).order_by(RunRow.started_at.desc(), RunRow.id.desc())

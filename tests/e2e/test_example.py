@@ -69,5 +69,5 @@ def test_example_pipeline_end_to_end(docker: Any, example: Path) -> None:
     statuses = stage_statuses(example)
     assert statuses["evaluate"] == "failed" and statuses["predict"] == "skipped"
 
-    metrics_history = pipe_json("metrics", example)
+    metrics_history = pipe_json("metrics", example, "--all")
     assert len(metrics_history) >= 3

@@ -238,7 +238,14 @@ def test_metrics_across_runs_and_diff(docker: Any, make_pipeline: Callable[..., 
     }}})
     first = run_json(path)["run_id"]
     second = run_json(path, "-p", "evaluate.accuracy=0.75", "-p", "evaluate.loss=1.5")["run_id"]
-    assert pipe_json("metrics", path) == [
+    table = pipe_json("metrics", path)  # newest first, with params and status, as `pipe runs`
+    assert [(r["run_id"], r["status"], r["metrics"], r["params"]) for r in table] == [
+        (second, "succeeded", {"evaluate.accuracy": 0.75, "evaluate.loss": 1.5},
+         {"evaluate.accuracy": 0.75, "evaluate.loss": 1.5}),
+        (first, "succeeded", {"evaluate.accuracy": 0.5, "evaluate.loss": 2.0},
+         {"evaluate.accuracy": 0.5, "evaluate.loss": 2}),
+    ]
+    assert pipe_json("metrics", path, "--diff") == [  # --diff keeps its oldest-first form
         {"run_id": first, "metrics": {"evaluate.accuracy": 0.5, "evaluate.loss": 2.0}},
         {"run_id": second, "metrics": {"evaluate.accuracy": 0.75, "evaluate.loss": 1.5}},
     ]
