@@ -8,6 +8,7 @@ Only stable APIs: batch/v1 Job, core/v1 Pod, Secret, Event and pod logs.
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import tarfile
@@ -227,17 +228,19 @@ class KubernetesExecutor:
             if self._is_cancelled(name):
                 return "cancelled"
             failure, pod_name, view = self._look(name)
-            if failure is not None:
-                return failure
             if view is not None and view.upload_exit is not None:
                 break
+            if failure is not None:
+                return failure
             time.sleep(POLL_S)
         if view.upload_exit != 0:
             return f"uploading outputs failed (exit {view.upload_exit}): {self._tail(pod_name, UPLOAD)}"
         with tempfile.TemporaryDirectory(prefix="pipe-k8s-") as tmp:
             for i, mount in enumerate(handoff.outputs):
-                archive = Path(tmp) / f"out-{i}.tar"
-                self._store.fetch_file(f"k8s/{name}/out-{i}.tar", archive)
+                encoded, archive = Path(tmp) / f"out-{i}.b64", Path(tmp) / f"out-{i}.tar"
+                self._store.fetch_file(f"k8s/{name}/out-{i}.tar", encoded)
+                with open(encoded, "rb") as src, open(archive, "wb") as dst:
+                    base64.decode(src, dst)  # see kube_spec.upload_script
                 mount.source.mkdir(parents=True, exist_ok=True)
                 with tarfile.open(archive) as tar:
                     tar.extractall(mount.source, filter="data")  # no absolute paths, links out or devices

@@ -27,7 +27,7 @@ SECRETS_TARGET = "/run/secrets"
 MAIN, FETCH, UPLOAD = "main", "fetch", "upload"
 ANNOTATION_PIPELINE = "dev.pipe/pipeline"  # the full owner path (a label value holds only 63 characters)
 AGENT_CPU = "100m"
-AGENT_MEMORY = 64 * 1024**2
+AGENT_MEMORY = 256 * 1024**2
 GO_POLL_S = 0.5
 NOBODY = 65534
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -137,11 +137,13 @@ def fetch_script(handoff: Handoff) -> str:
 
 def upload_script(handoff: Handoff) -> str:
     """The upload container's script: wait for the go-object, then post each output folder as one tar. The form
-    head and tail (fields of the presigned POST) were written by pipe, so the agent only concatenates."""
+    head and tail (fields of the presigned POST) were written by pipe, so the agent only concatenates. The tar
+    goes base64-encoded: busybox wget sends a --post-file up to its first NUL byte (strlen), and holds it in
+    memory, so an output folder is bounded by AGENT_MEMORY (docs/kubernetes.md)."""
     lines = ["set -eu", f"A={AGENT_ROOT}",
              f'until wget -q -O $A/work/go "$(cat $A/cfg/go.url)" 2>/dev/null; do sleep {GO_POLL_S}; done']
     for i in range(len(handoff.outputs)):
-        lines += [f"tar -c -C $A/out/{i} . > $A/work/out.tar",
+        lines += [f"tar -c -C $A/out/{i} . | base64 > $A/work/out.tar",
                   f"cat $A/cfg/out-{i}.head $A/work/out.tar $A/cfg/out-{i}.tail > $A/work/body",
                   f'wget -q -O /dev/null --header "Content-Type: $(cat $A/cfg/out-{i}.type)" '
                   f'--post-file $A/work/body "$(cat $A/cfg/out-{i}.url)"',
