@@ -26,12 +26,20 @@ from typing import Any
 import urllib3.exceptions
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from orchestrator import kube_spec
 from orchestrator.docker_executor import classify, filled_disk
 from orchestrator.errors import EngineError, RemoteError
-from orchestrator.executor import LABEL_HOST, LABEL_PID, LABEL_RUN, ContainerSpec, ExecResult, Outcome, OutputSink
+from orchestrator.executor import (
+    LABEL_HOST,
+    LABEL_PID,
+    LABEL_RUN,
+    ContainerSpec,
+    ExecResult,
+    Outcome,
+    OutputSink,
+)
 from orchestrator.hostfiles import CappedLog, redact, redactions
 from orchestrator.kube_spec import FETCH, MAIN, UPLOAD, Handoff, Placement, PodView
 from orchestrator.objectstore import ObjectStore
@@ -63,7 +71,8 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> k8s.Ap
     """An API client from the standard kubeconfig chain (KUBECONFIG, ~/.kube/config) that answered /version."""
     try:
         configuration = k8s.Configuration()
-        k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, context=context, client_configuration=configuration)
         api = k8s.ApiClient(configuration)
         k8s.VersionApi(api).get_code(_request_timeout=10)
     except (k8s_config.ConfigException, *API_FAULTS) as e:
@@ -89,7 +98,8 @@ class KubernetesExecutor:
     def __init__(self, api: k8s.ApiClient, settings: KubeSettings, store: ObjectStore,
                  image_refs: Mapping[str, str] | None = None) -> None:
         self._api, self._settings, self._store = api, settings, store
-        self._core, self._batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
+        self._core: Any = k8s.CoreV1Api(api)  # Any: dict bodies, which the client sends as they are
+        self._batch: Any = k8s.BatchV1Api(api)
         self._refs = dict(image_refs or {})
         self._lock = threading.Lock()
         self._running: set[str] = set()
@@ -254,11 +264,11 @@ class KubernetesExecutor:
             if e.status == 404:
                 return "Job deleted outside pipe", "", None
             raise
-        failure = kube_spec.job_failure(self._api.sanitize_for_serialization(job))
+        failure = kube_spec.job_failure(_plain(self._api, job))
         pods = self._core.list_namespaced_pod(self.namespace, label_selector=f"job-name={name}").items
         if not pods:
             return failure, "", None
-        pod = self._api.sanitize_for_serialization(pods[0])
+        pod = _plain(self._api, pods[0])
         return failure, str(pod["metadata"]["name"]), kube_spec.pod_view(pod)
 
     def _stream(self, pod_name: str, spec: ContainerSpec, on_output: OutputSink, tail: deque[str]) -> None:
@@ -300,7 +310,7 @@ class KubernetesExecutor:
         if not pod_name:
             return ""
         events = self._core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={pod_name}")
-        return kube_spec.event_reason([self._api.sanitize_for_serialization(e) for e in events.items])
+        return kube_spec.event_reason([_plain(self._api, e) for e in events.items])
 
     def _is_cancelled(self, name: str) -> bool:
         with self._lock:
@@ -325,12 +335,13 @@ def delete_objects(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, n
 def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
     """The reaper: delete the Jobs and Secrets of pipeline `owner` whose run is not alive (found by label);
     return those runs' ids, sorted. `is_alive` as for docker_executor.sweep_orphans."""
-    batch, core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
+    batch: Any = k8s.BatchV1Api(api)
+    core: Any = k8s.CoreV1Api(api)
     selector = kube_spec.owner_selector(owner)
     dead: set[str] = set()
     alive: dict[str, bool] = {}
     try:
-        found = [*batch.list_namespaced_job(namespace, label_selector=selector).items,
+        found: list[Any] = [*batch.list_namespaced_job(namespace, label_selector=selector).items,
                  *core.list_namespaced_secret(namespace, label_selector=selector).items]
         for obj in found:
             notes = obj.metadata.annotations or {}
@@ -367,12 +378,17 @@ def _starter_alive(notes: Mapping[str, str]) -> bool:
 def gpu_problem(api: k8s.ApiClient) -> str | None:
     """Why no stage can get GPUs on this cluster (no node offers nvidia.com/gpu), or None."""
     try:
-        nodes = k8s.CoreV1Api(api).list_node().items
+        nodes: list[Any] = k8s.CoreV1Api(api).list_node().items
     except API_FAULTS as e:
         raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
     if any(int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) > 0 for n in nodes):
         return None
     return "no node of the cluster offers nvidia.com/gpu (install NVIDIA's device plugin), or set gpus: 0"
+
+
+def _plain(api: k8s.ApiClient, obj: Any) -> Any:
+    """An API object as the API's own JSON (camelCase dicts), for kube_spec's pure readers."""
+    return api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
 
 
 def _chunks(response: Any) -> Iterator[bytes]:
@@ -386,7 +402,7 @@ def _api_message(e: ApiException) -> str:
     import json
 
     with suppress(ValueError, TypeError):
-        return str(json.loads(e.body).get("message") or e.reason)[:300]
+        return str(json.loads(e.body or "").get("message") or e.reason)[:300]
     return f"{e.status} {e.reason}"
 
 
@@ -416,4 +432,4 @@ def _result(outcome: Outcome, exit_code: int | None, reason: str, started_at: da
                       finished_at=_now(), disk_full=disk_full)
 
 
-__all__: Sequence[str] = ("KubeSettings", "KubernetesExecutor", "connect", "sweep_jobs", "gpu_problem")
+__all__: Sequence[str] = ("KubeSettings", "KubernetesExecutor", "connect", "gpu_problem", "sweep_jobs")

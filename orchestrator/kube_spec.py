@@ -145,8 +145,8 @@ def upload_script(handoff: Handoff) -> str:
     for i in range(len(handoff.outputs)):
         lines += [f"tar -c -C $A/out/{i} . | base64 > $A/work/out.tar",
                   f"cat $A/cfg/out-{i}.head $A/work/out.tar $A/cfg/out-{i}.tail > $A/work/body",
-                  f'wget -q -O /dev/null --header "Content-Type: $(cat $A/cfg/out-{i}.type)" '
-                  f'--post-file $A/work/body "$(cat $A/cfg/out-{i}.url)"',
+                  (f'wget -q -O /dev/null --header "Content-Type: $(cat $A/cfg/out-{i}.type)" '
+                   f'--post-file $A/work/body "$(cat $A/cfg/out-{i}.url)"'),
                   "rm -f $A/work/body $A/work/out.tar"]
     return "\n".join(lines) + "\n"
 
@@ -174,8 +174,8 @@ def job_manifest(
         volumes.append({"name": "agent-cfg", "secret": {"secretName": name, "defaultMode": 0o440,
                                                         "items": [{"key": k, "path": k} for k in agent_keys]}})
     main_mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
-    fetch_mounts = [{"name": "agent-cfg", "mountPath": f"{AGENT_ROOT}/cfg", "readOnly": True}]
-    upload_mounts = [{"name": "agent-cfg", "mountPath": f"{AGENT_ROOT}/cfg", "readOnly": True},
+    fetch_mounts: list[dict[str, Any]] = [{"name": "agent-cfg", "mountPath": f"{AGENT_ROOT}/cfg", "readOnly": True}]
+    upload_mounts: list[dict[str, Any]] = [{"name": "agent-cfg", "mountPath": f"{AGENT_ROOT}/cfg", "readOnly": True},
                      {"name": "agent-work", "mountPath": f"{AGENT_ROOT}/work"}]
     if handoff.inputs:
         volumes.append({"name": "in", "emptyDir": {}})

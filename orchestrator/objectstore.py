@@ -266,8 +266,7 @@ class ObjectStore:
 
         def stream() -> None:
             with open(dest, "wb") as f:
-                for chunk in response["Body"].iter_chunks(READ_BYTES):
-                    f.write(chunk)
+                f.writelines(response["Body"].iter_chunks(READ_BYTES))
 
         self._read_body(key, stream)
 

@@ -18,8 +18,16 @@ from typing import Any
 
 import pytest
 
-from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, LABEL_STAGE, ContainerSpec, Mount
-from orchestrator.executor import Outcome, SecretFile
+from orchestrator.executor import (
+    LABEL_MANAGED,
+    LABEL_PIPELINE,
+    LABEL_RUN,
+    LABEL_STAGE,
+    ContainerSpec,
+    Mount,
+    Outcome,
+    SecretFile,
+)
 from tests.conftest import REQUIRE_DOCKER
 
 pytestmark = pytest.mark.k8s

@@ -15,7 +15,7 @@ LAYER = {
     "imageplan": 2, "prune": 2, "objectstore": 2, "remote": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "crontab": 3, "runner": 3, "decide": 3,
-    "recorder": 3, "backend": 3,
+    "recorder": 3, "backend": 3, "kube_executor": 3, "kube_spec": 1,
     "api": 4,
     "console": 5, "cli": 5, "__main__": 6,
 }
@@ -30,6 +30,7 @@ LIBRARIES = {
     "boto3": {"objectstore"},
     "botocore": {"objectstore"},
     "s3transfer": {"objectstore"},
+    "kubernetes": {"kube_executor"},
 }
 
 
