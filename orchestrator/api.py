@@ -234,10 +234,10 @@ def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: Store, state: S
 
 def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     """Which stages a run would restore and which it would run, and why; starts, builds and writes nothing."""
-    from orchestrator.backend import DockerBackend
+    from orchestrator.backend import backend_for
 
     prepared = prepare(request)
-    backend = backend or DockerBackend(request.docker_url)
+    backend = backend or backend_for(prepared.pipeline, request.docker_url)
     pipeline, order = prepared.pipeline, prepared.plan.order
     with read_store(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
@@ -248,7 +248,7 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None,
                  backend: Backend | None = None) -> RunSummary:
     """prepare -> lock -> recover -> images -> hash inputs -> execute -> record (docs/architecture.md)."""
-    from orchestrator.backend import DockerBackend
+    from orchestrator.backend import backend_for
     from orchestrator.cache import Cache
     from orchestrator.hashing import hash_tree
     from orchestrator.recorder import Recorder
@@ -256,7 +256,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
 
     cancel = cancel or Cancel()
     prepared = prepare(request)
-    backend = backend or DockerBackend(request.docker_url)
+    backend = backend or backend_for(prepared.pipeline, request.docker_url)
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:

@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.events import Event
 from orchestrator.executor import Executor
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
-from orchestrator.spec import Pipeline
+from orchestrator.spec import KubePlacement, Pipeline
+
+if TYPE_CHECKING:
+    from orchestrator.kube_spec import Placement
 
 BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 
@@ -84,3 +87,81 @@ class DockerBackend:
         from orchestrator.hostfiles import host_memory_bytes
 
         return float(os.cpu_count() or 1), host_memory_bytes()
+
+    def pod_image(self, image: str) -> str:
+        """How a Kubernetes node names this local image: its `repo@sha256:` digest once pushed to a registry,
+        else its id (a node that was loaded with it, as the test cluster is)."""
+        from orchestrator import docker_executor
+
+        return docker_executor.pod_image(self._client, image)
+
+
+def backend_for(pipeline: Pipeline, docker_url: str | None = None) -> Backend:
+    """The engine the pipeline's `executor:` names: the local Docker engine unless it says kubernetes."""
+    if pipeline.executor is not None and pipeline.executor.kind == "kubernetes":
+        return KubernetesBackend(pipeline, docker_url)
+    return DockerBackend(docker_url)
+
+
+class KubernetesBackend:
+    """Stages as batch/v1 Jobs (kube_executor.py). Images are built and resolved on the local engine, as for
+    Docker, so cache keys are the same on both; a pod gets the image id (`sha256:...`, pull policy Never: the
+    nodes already hold it) or, for an image pushed to a registry, its `repo@sha256:...` digest (IfNotPresent)."""
+
+    def __init__(self, pipeline: Pipeline, docker_url: str | None = None) -> None:
+        from orchestrator import kube_executor
+
+        assert pipeline.executor is not None
+        self._local = DockerBackend(docker_url)
+        self._conf = pipeline.executor
+        self._api = kube_executor.connect(self._conf.context, os.environ.get("KUBECONFIG"))
+        self._refs: dict[str, str] = {}
+        self._placements = {name: kube_placement(stage.kubernetes) for name, stage in pipeline.stages.items()
+                            if stage.kubernetes is not None}
+
+    def executor(self) -> Executor:
+        from orchestrator.kube_executor import KubernetesExecutor, KubeSettings
+        from orchestrator.objectstore import ObjectStore
+
+        settings = KubeSettings(
+            namespace=self._conf.namespace, handoff_url=self._conf.handoff, handoff_endpoint=self._conf.endpoint,
+            context=self._conf.context, agent_image=self._agent_ref(),
+            pending_timeout_s=self._conf.pending_timeout, placements=self._placements)
+        return KubernetesExecutor(self._api, settings, ObjectStore(self._conf.handoff, self._conf.endpoint),
+                                  self._refs)
+
+    def forecast_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path,
+                        hash_memo: HashMemo | None) -> dict[str, ImageForecast]:
+        return self._local.forecast_images(pipeline, stages, memo_path, hash_memo)
+
+    def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_event: BuildEvents,
+                       hash_memo: HashMemo | None) -> dict[str, str]:
+        ids = self._local.resolve_images(pipeline, stages, memo_path, on_event, hash_memo)
+        for image_id in set(ids.values()):
+            self._refs[image_id] = self._local.pod_image(image_id)
+        return ids
+
+    def _agent_ref(self) -> str:
+        return self._local.pod_image(self._conf.agent_image)
+
+    def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
+        from orchestrator import kube_executor
+
+        return kube_executor.sweep_jobs(self._api, self._conf.namespace, owner, is_alive)
+
+    def gpu_problem(self) -> str | None:
+        from orchestrator import kube_executor
+
+        return kube_executor.gpu_problem(self._api)
+
+    def capacity(self) -> tuple[float, int]:
+        from orchestrator import kube_executor
+
+        return kube_executor.capacity(self._api)
+
+
+def kube_placement(spec: KubePlacement) -> Placement:
+    from orchestrator.kube_spec import Placement
+
+    return Placement(dict(spec.node_selector),
+                     tuple(t.model_dump(exclude_none=True) for t in spec.tolerations))

@@ -516,3 +516,16 @@ def gpu_problem(client: docker.DockerClient) -> str | None:
         return None
     return (f"the engine has no GPU runtime (runtimes: {', '.join(runtimes) or 'none'}): install the "
             "nvidia-container-toolkit and restart the engine, or set gpus: 0")
+
+
+def pod_image(client: docker.DockerClient, image: str) -> str:
+    """A local image as a cluster node names it: the first `repo@sha256:` digest (pushed to a registry), else
+    the immutable id. EngineError if the engine does not answer; the name itself if the image is unknown."""
+    try:
+        attrs = client.images.get(image).attrs
+    except docker.errors.ImageNotFound:
+        return image
+    except ENGINE_FAULTS as e:
+        raise EngineError(f"docker engine unreachable: {short_reason(e)}") from e
+    digests = attrs.get("RepoDigests") or []
+    return str(digests[0]) if digests else str(attrs["Id"])

@@ -246,6 +246,30 @@ class ObjectStore:
                     f"{first.get('Key', '')[len(self.prefix):]}: {first.get('Code', 'error')}"
                 )
 
+    # -- signed requests, for a client without credentials (the kubernetes executor's in-pod agent) -------
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        """A URL that GETs `key` without credentials until it expires."""
+        return str(self._call("sign", key, self._client.generate_presigned_url, ClientMethod="get_object",
+                              Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=expires_s))
+
+    def presign_post(self, key: str, expires_s: int) -> tuple[str, dict[str, str]]:
+        """A URL and form fields that upload `key` by a multipart POST (an HTML-form upload, which a client as
+        small as busybox wget can send) without credentials until it expires."""
+        post = self._call("sign", key, self._client.generate_presigned_post, Bucket=self.bucket,
+                          Key=self._full(key), ExpiresIn=expires_s)
+        return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
+
+    def fetch_file(self, key: str, dest: Path) -> None:
+        """Streams the object into `dest` (no digest to check: for transfers pipe did not hash itself)."""
+        response = self._call("download", key, self._client.get_object, Bucket=self.bucket, Key=self._full(key))
+
+        def stream() -> None:
+            with open(dest, "wb") as f:
+                f.writelines(response["Body"].iter_chunks(READ_BYTES))
+
+        self._read_body(key, stream)
+
     # -- many objects --------------------------------------------------------------------------------------
 
     def put_many(self, items: Sequence[tuple[str, Path]], workers: int = TRANSFER_WORKERS) -> None:

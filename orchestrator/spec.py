@@ -197,6 +197,35 @@ class Gate(_Model):
     max_drop: Annotated[Number, Field(ge=0)] | None = None
 
 
+class Toleration(_Model):
+    """A Kubernetes toleration of a node taint (core/v1 Toleration's fields)."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class KubePlacement(_Model):
+    """`kubernetes:` on a stage: where its pod may run (not part of the cache key)."""
+
+    node_selector: dict[str, str] = {}
+    tolerations: tuple[Toleration, ...] = ()
+
+
+class KubernetesExecutor(_Model):
+    """`executor: {kind: kubernetes, ...}`: stages run as batch/v1 Jobs (kube_executor.py). A separate small
+    model: the swarm branch's `executor:` block folds these fields in when both land."""
+
+    kind: Literal["kubernetes"]
+    namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = "default"
+    context: str | None = None  # a kubeconfig context; None: the current one (KUBECONFIG, ~/.kube/config)
+    handoff: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")]  # s3://bucket/prefix/ pods exchange files through
+    endpoint: str | None = None  # an S3-compatible endpoint URL, as pods and pipe both reach it
+    agent_image: str = "pipe-busybox:latest"  # the init and upload containers' image (busybox sh, wget, tar, base64)
+    pending_timeout: Seconds = 300.0  # a pod not started by then fails with the event's reason
+
+
 class Stage(_Model):
     model_config = ConfigDict(json_schema_extra={
         # _one_image_source, for editors: exactly one of image and build, and gate only with metrics
@@ -225,6 +254,7 @@ class Stage(_Model):
     gate: Gate | None = None
     user: str | None = None  # default: the invoking user's uid:gid; "root" only when asked
     network: StrictBool = False
+    kubernetes: KubePlacement | None = None  # node selector and tolerations on the kubernetes executor
 
     @field_validator("params")
     @classmethod
@@ -398,6 +428,7 @@ class Pipeline(_Model):
     secrets_file: str | None = None  # KEY=VALUE lines, outside the repository; the environment wins
     serve: Serve | None = None
     notify: tuple[Notify, ...] = ()
+    executor: KubernetesExecutor | None = None  # None: the local Docker engine
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
 
     def with_source(self, source: Source) -> Pipeline:
