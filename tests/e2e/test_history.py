@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from orchestrator.hashing import hash_file
+from orchestrator.store.migrations import SCHEMA_VERSION
 from tests.conftest import BUSYBOX, wait_for
 from tests.e2e.helpers import containers_created, pipe, pipe_json, start_pipe
 from tests.e2e.test_run import HANDOFF
@@ -386,4 +387,5 @@ def test_read_commands_create_migrate_and_write_nothing(docker: Any, make_pipeli
         conn.execute("UPDATE schema_version SET version = 2")
     done = pipe("status", path)
     assert done.returncode == 4
-    assert done.stderr.strip() == f"error: history {db} is schema v2; run `pipe run` once to upgrade it to v4"
+    assert done.stderr.strip() == \
+        f"error: history {db} is schema v2; run `pipe run` once to upgrade it to v{SCHEMA_VERSION}"
