@@ -58,6 +58,7 @@ class RunRequest:
     trigger: Literal["manual", "schedule"] = "manual"
     docker_url: str | None = None
     gate: bool = True  # False: --no-gate, the gates are not checked (recorded as a warning)
+    executor: Literal["local", "swarm"] | None = None  # --executor; None: the file's executor.kind
 
 
 @dataclass
@@ -252,6 +253,8 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
 
     cancel = cancel or Cancel()
     prepared = prepare(request)
+    if backend is None and (request.executor or prepared.pipeline.executor.kind) == "swarm":
+        backend = _swarm_backend(prepared.pipeline, request)
     backend = backend or DockerBackend(request.docker_url)
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
@@ -275,7 +278,9 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
             upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
         )
-        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all)
+        capacity = getattr(backend, "capacity", None)  # a cluster's, not this machine's
+        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all,
+                          capacity() if capacity else None)
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
         store.finish_run(run_id, summary.status, summary.exit_code)
         reporter.emit(RunFinished(summary))
@@ -298,19 +303,34 @@ def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
     )
 
 
+def _swarm_backend(pipeline: Pipeline, request: RunRequest) -> Backend:
+    """The swarm of the file's `executor:` block (`--executor swarm` needs one with registry and store)."""
+    from orchestrator.swarm_backend import SwarmBackend
+
+    config = pipeline.executor
+    if config.kind != "swarm":
+        try:
+            config = type(config).model_validate({**config.model_dump(), "kind": "swarm"})
+        except ValueError as e:
+            raise pipeline.error("executor", f"--executor swarm: {e}".splitlines()[0]) from e
+        pipeline = pipeline.model_copy(update={"executor": config}).with_source(pipeline.source)
+    return SwarmBackend(pipeline, config.host or request.docker_url)
+
+
 def _execute(prepared: Prepared, request: RunRequest, run_stage: StageRunner, reporter: Reporter,
-             cancel: Cancel, on_cancel: Callable[[], None]) -> Any:
+             cancel: Cancel, on_cancel: Callable[[], None], cluster: tuple[float, int] | None = None) -> Any:
     from orchestrator import parallel
 
     pipeline, order = prepared.pipeline, prepared.plan.order
+    cpus, memory = cluster or (float(os.cpu_count() or 1), host_memory_bytes())
     return parallel.execute(
         order,
         {name: pipeline.stages[name].needs for name in order},
         run_stage,
         policy=parallel.Policy(
-            jobs=request.jobs or os.cpu_count() or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
+            jobs=request.jobs or int(cpus) or 1, keep_going=request.keep_going, deadline_s=request.timeout_s
         ),
-        capacity=parallel.Capacity(float(os.cpu_count() or 1), host_memory_bytes()),
+        capacity=parallel.Capacity(cpus, memory),
         demands={name: _demand(pipeline, name) for name in order},
         retry={
             name: parallel.RetryPolicy(s.retries, s.retry_delay, frozenset(s.retry_on))

@@ -225,6 +225,7 @@ class Stage(_Model):
     gate: Gate | None = None
     user: str | None = None  # default: the invoking user's uid:gid; "root" only when asked
     network: StrictBool = False
+    constraints: tuple[str, ...] = ()  # swarm placement constraints, added to the executor's
 
     @field_validator("params")
     @classmethod
@@ -288,6 +289,36 @@ class Schedule(_Model):
     catchup: StrictBool = False
 
 
+class HandoffStore(_Model):
+    """Where a swarm moves artifacts between the invoking host and the nodes: an S3 bucket and prefix.
+    `endpoint` is how this host reaches it; `node_endpoint` how the nodes do (default: the same)."""
+
+    url: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")]
+    endpoint: str | None = None
+    node_endpoint: str | None = None
+
+
+class Executor(_Model):
+    """Where stages run: `local` (this host's engine) or `swarm` (a Docker Swarm manager at `host`)."""
+
+    kind: Literal["local", "swarm"] = "local"
+    host: str | None = None  # the manager's endpoint; default DOCKER_HOST
+    registry: str | None = None  # swarm: built images are pushed here and run as registry/repo@sha256:...
+    constraints: tuple[str, ...] = ()  # swarm placement constraints for every stage
+    store: HandoffStore | None = None  # swarm: required, the hand-off store
+    handoff_dir: str = "/var/lib/pipe-handoff"  # swarm: a folder that exists on every node (node-local disk)
+    pending_timeout: Seconds = 120.0  # swarm: a task no node can take fails after this long
+
+    @model_validator(mode="after")
+    def _swarm_needs(self) -> Self:
+        if self.kind == "swarm" and self.registry is None:
+            raise keyed_error("registry", "a swarm needs 'registry' (where built images are pushed)")
+        if self.kind == "swarm" and self.store is None:
+            raise keyed_error("store", "a swarm needs 'store' ({url: s3://bucket/prefix/}: artifacts move "
+                              "between nodes through it)")
+        return self
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a Pipeline came from: its file and the line of every dotted key."""
@@ -310,6 +341,7 @@ class Pipeline(_Model):
     defaults: Defaults = Defaults()
     schedule: Schedule | None = None
     secrets_file: str | None = None  # KEY=VALUE lines, outside the repository; the environment wins
+    executor: Executor = Executor()
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
 
     def with_source(self, source: Source) -> Pipeline:

@@ -29,7 +29,7 @@ d() { docker -H "unix://$DIR/n$1/docker.sock" "${@:2}"; }
 print_env() {
   {
     echo "PIPE_TEST_SWARM_HOST=unix://$DIR/n1/docker.sock"
-    echo "PIPE_TEST_SWARM_NODES=$(for i in $(seq 1 $N); do printf 'unix://%s/n%s/docker.sock ' "$DIR" "$i"; done | sed 's/ $//')"
+    echo "PIPE_TEST_SWARM_NODES=$(for i in $(seq 1 $N); do printf 'unix://%s/n%s/docker.sock,' "$DIR" "$i"; done | sed 's/,$//')"
     echo "PIPE_TEST_SWARM_REGISTRY=$REG"
     echo "PIPE_TEST_SWARM_S3_NODE_ENDPOINT=$S3_NODE"
     echo "PIPE_TEST_SWARM_HANDOFF_DIR=$DIR/handoff"
