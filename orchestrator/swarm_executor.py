@@ -218,6 +218,8 @@ class SwarmExecutor:
         task, fetch_logs = self._agent(f"{token}-fetch", fetch, labels, agent_ref, constraints,
                                        reserve=spec, pending_s=self._settings.pending_timeout_s)
         node_id = str(task.get("NodeID") or "")
+        if (task.get("Status") or {}).get("State") == "pending":  # no node fits the stage: say why, plainly
+            return _result(Outcome.ERROR, None, str((task.get("Status") or {}).get("Err")), started_at)
         if (task.get("Status") or {}).get("State") != "complete" or not node_id:
             why = classify_task(task, memory_bytes=None, timed_out=False, cancelled=False)[2]
             if node_id:
@@ -330,7 +332,7 @@ class SwarmExecutor:
                 now = time.monotonic()
                 if state == "pending" and now - created > pending_s:
                     why = (task.get("Status") or {}).get("Err") or "no node can take it"
-                    return task, f"not scheduled within {format_duration(pending_s)}: {why}"
+                    return task, f"not scheduled within {pending_s:g}s: {why}"
                 if watch_node and node_id and now >= next_node_check:
                     next_node_check = now + NODE_CHECK_S
                     node = self._api.inspect_node(node_id)

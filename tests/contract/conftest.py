@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, LABEL_STAGE, ContainerSpec, ExecResult
+from orchestrator.executor import (
+    LABEL_MANAGED,
+    LABEL_PIPELINE,
+    LABEL_RUN,
+    LABEL_STAGE,
+    ContainerSpec,
+    ExecResult,
+)
 from tests.conftest import BUSYBOX, REQUIRE_DOCKER
 
 SWARM_HOST = os.environ.get("PIPE_TEST_SWARM_HOST")
@@ -22,6 +29,7 @@ SWARM_NODES = [u for u in os.environ.get("PIPE_TEST_SWARM_NODES", "").split(",")
 SWARM_REGISTRY = os.environ.get("PIPE_TEST_SWARM_REGISTRY", "")
 SWARM_S3_NODE = os.environ.get("PIPE_TEST_SWARM_S3_NODE_ENDPOINT", "")
 SWARM_HANDOFF = os.environ.get("PIPE_TEST_SWARM_HANDOFF_DIR", "")
+REMOVAL_BOUND_S = 15  # how long a node may take to remove the container of a removed service
 
 
 @dataclass
@@ -53,6 +61,8 @@ class Harness:
             found += [f"service {s['Spec']['Name']}" for s in self.manager.api.services(filters=flt)]
             found += [f"secret {s['Spec']['Name']}" for s in self.manager.api.secrets(filters=flt)]
             found += [f"network {n['Name']}" for n in self.manager.api.networks(filters=flt)]
+            for node_dir in sorted(Path(SWARM_HANDOFF).parent.glob("local-n*")):  # the nodes' hand-off folders
+                found += [f"hand-off folder {p}" for p in node_dir.iterdir()]
         return found
 
 
@@ -103,6 +113,13 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         h = Harness("swarm", backend.executor(), image, owner,
                     clients=[sdk.DockerClient(base_url=u) for u in SWARM_NODES], manager=backend._client)
     yield h
+    # a node removes a task's container shortly after its service is removed (asynchronously): bounded here
+    from tests.conftest import wait_for
+
+    try:
+        wait_for(lambda: not h.leftovers(), timeout=REMOVAL_BOUND_S, what="no containers left on any node")
+    except AssertionError:
+        pass
     leftovers = h.leftovers()
     for client in h.clients:  # never leave a failed test's containers behind
         for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
