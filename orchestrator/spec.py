@@ -301,6 +301,10 @@ class HandoffStore(_Model):
 class Executor(_Model):
     """Where stages run: `local` (this host's engine) or `swarm` (a Docker Swarm manager at `host`)."""
 
+    model_config = ConfigDict(json_schema_extra={  # _swarm_needs, for editors
+        "if": {"required": ["kind"], "properties": {"kind": {"const": "swarm"}}},
+        "then": {"required": ["registry", "store"]},
+    })
     kind: Literal["local", "swarm"] = "local"
     host: str | None = None  # the manager's endpoint; default DOCKER_HOST
     registry: str | None = None  # swarm: built images are pushed here and run as registry/repo@sha256:...
