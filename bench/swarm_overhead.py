@@ -26,14 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import boto3  # noqa: E402  (the bench makes its own bucket; pipe never creates one)
-import docker  # noqa: E402
-from docker.types import RestartPolicy, ServiceMode, TaskTemplate  # noqa: E402
-from docker.types import ContainerSpec as SwarmContainerSpec  # noqa: E402
+import boto3
+import docker
+from docker.types import ContainerSpec as SwarmContainerSpec
+from docker.types import RestartPolicy, ServiceMode, TaskTemplate
 
-from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, LABEL_STAGE, ContainerSpec, Mount  # noqa: E402
-from orchestrator.spec import Pipeline  # noqa: E402
-from orchestrator.swarm_backend import SwarmBackend  # noqa: E402
+from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, LABEL_STAGE, ContainerSpec, Mount
+from orchestrator.spec import Pipeline
+from orchestrator.swarm_backend import SwarmBackend
 
 E = os.environ
 
