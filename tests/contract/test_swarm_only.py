@@ -72,3 +72,29 @@ def test_a_stage_no_node_can_take_fails_at_the_pending_deadline_with_the_reason(
     assert result.outcome is Outcome.ERROR
     assert "not scheduled within 3s" in result.reason and "insufficient resources" in result.reason
 
+
+
+def test_the_sweep_removes_a_dead_runs_services_secrets_networks_and_hand_off_folders_on_every_node(
+        s3: Any, swarm_image: str, tmp_path: Path) -> None:
+    from pathlib import Path as P
+
+    from tests.contract.conftest import SWARM_HANDOFF
+
+    backend = swarm_backend(s3, tmp_path)
+    api = backend._client.api
+    labels = {LABEL_MANAGED: "1", LABEL_PIPELINE: str(tmp_path), LABEL_RUN: "deadrun"}
+    from docker.types import ContainerSpec as SwarmContainerSpec
+    from docker.types import TaskTemplate
+
+    ref = backend.publish(swarm_image, "pipe/busybox")
+    api.create_service(TaskTemplate(SwarmContainerSpec(ref, command=["sleep", "600"])), name="pipe-deadrun-x",
+                       labels=labels)
+    api.create_secret("pipe-deadrun-s", b"v", labels=labels)
+    api.create_network("pipe-deadrun-n", driver="overlay", internal=True, labels=labels)
+    left = P(SWARM_HANDOFF).parent / "local-n2" / "deadrun" / "task"
+    left.mkdir(parents=True)
+    (left / "f").write_text("x")
+    assert backend.sweep(str(tmp_path), lambda run: False if run == "deadrun" else None) == ["deadrun"]
+    flt = {"label": [f"{LABEL_PIPELINE}={tmp_path}"]}
+    assert api.services(filters=flt) == [] and api.secrets(filters=flt) == [] and api.networks(filters=flt) == []
+    assert not (P(SWARM_HANDOFF).parent / "local-n2" / "deadrun").exists()
