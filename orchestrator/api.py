@@ -62,6 +62,7 @@ class RunRequest:
     trigger: Literal["manual", "schedule"] = "manual"
     docker_url: str | None = None
     gate: bool = True  # False: --no-gate, the gates are not checked (recorded as a warning)
+    executor: Literal["local", "swarm", "kubernetes"] | None = None  # --executor; None: the file's executor.kind
 
 
 @dataclass
@@ -256,7 +257,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
 
     cancel = cancel or Cancel()
     prepared = prepare(request)
-    backend = backend or backend_for(prepared.pipeline, request.docker_url)
+    backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor)
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
@@ -408,6 +409,12 @@ def _run_status(value: str | None) -> RunStatus | None:
         return RunStatus(value)
     except ValueError:
         raise UsageError(f"unknown status {value!r}: use {', '.join(s.value for s in RunStatus)}") from None
+
+
+def parse_executor(value: str | None) -> Literal["local", "swarm", "kubernetes"] | None:
+    if value not in (None, "local", "swarm", "kubernetes"):
+        raise UsageError(f"unknown executor {value!r}: use local, swarm or kubernetes")
+    return value  # type: ignore[return-value]
 
 
 def parse_trigger(value: str | None) -> Literal["manual", "schedule"] | None:

@@ -96,10 +96,22 @@ class DockerBackend:
         return docker_executor.pod_image(self._client, image)
 
 
-def backend_for(pipeline: Pipeline, docker_url: str | None = None) -> Backend:
-    """The engine the pipeline's `executor:` names: the local Docker engine unless it says kubernetes."""
-    if pipeline.executor is not None and pipeline.executor.kind == "kubernetes":
+def backend_for(pipeline: Pipeline, docker_url: str | None = None, kind: str | None = None) -> Backend:
+    """The engine the pipeline's `executor:` names, or `kind` (`--executor`), which must then find the fields it
+    needs in that block (a swarm's registry and store, a cluster's hand-off)."""
+    config = pipeline.executor
+    if kind is not None and kind != config.kind:
+        try:
+            config = type(config).model_validate({**config.model_dump(), "kind": kind})
+        except ValueError as e:
+            raise pipeline.error("executor", f"--executor {kind}: {e}".splitlines()[0]) from e
+        pipeline = pipeline.model_copy(update={"executor": config}).with_source(pipeline.source)
+    if config.kind == "kubernetes":
         return KubernetesBackend(pipeline, docker_url)
+    if config.kind == "swarm":
+        from orchestrator.swarm_backend import SwarmBackend
+
+        return SwarmBackend(pipeline, config.host or docker_url)
     return DockerBackend(docker_url)
 
 
@@ -111,7 +123,6 @@ class KubernetesBackend:
     def __init__(self, pipeline: Pipeline, docker_url: str | None = None) -> None:
         from orchestrator import kube_executor
 
-        assert pipeline.executor is not None
         self._local = DockerBackend(docker_url)
         self._conf = pipeline.executor
         self._api = kube_executor.connect(self._conf.context, os.environ.get("KUBECONFIG"))
@@ -123,6 +134,7 @@ class KubernetesBackend:
         from orchestrator.kube_executor import KubernetesExecutor, KubeSettings
         from orchestrator.objectstore import ObjectStore
 
+        assert self._conf.handoff is not None, "spec.Executor requires it for kubernetes"
         settings = KubeSettings(
             namespace=self._conf.namespace, handoff_url=self._conf.handoff, handoff_endpoint=self._conf.endpoint,
             context=self._conf.context, agent_image=self._agent_ref(),

@@ -213,19 +213,6 @@ class KubePlacement(_Model):
     tolerations: tuple[Toleration, ...] = ()
 
 
-class KubernetesExecutor(_Model):
-    """`executor: {kind: kubernetes, ...}`: stages run as batch/v1 Jobs (kube_executor.py). A separate small
-    model: the swarm branch's `executor:` block folds these fields in when both land."""
-
-    kind: Literal["kubernetes"]
-    namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = "default"
-    context: str | None = None  # a kubeconfig context; None: the current one (KUBECONFIG, ~/.kube/config)
-    handoff: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")]  # s3://bucket/prefix/ pods exchange files through
-    endpoint: str | None = None  # an S3-compatible endpoint URL, as pods and pipe both reach it
-    agent_image: str = "pipe-busybox:latest"  # the init and upload containers' image (busybox sh, wget, tar, base64)
-    pending_timeout: Seconds = 300.0  # a pod not started by then fails with the event's reason
-
-
 class Stage(_Model):
     model_config = ConfigDict(json_schema_extra={
         # _one_image_source, for editors: exactly one of image and build, and gate only with metrics
@@ -255,6 +242,7 @@ class Stage(_Model):
     user: str | None = None  # default: the invoking user's uid:gid; "root" only when asked
     network: StrictBool = False
     kubernetes: KubePlacement | None = None  # node selector and tolerations on the kubernetes executor
+    constraints: tuple[str, ...] = ()  # swarm placement constraints, added to the executor's
 
     @field_validator("params")
     @classmethod
@@ -404,6 +392,55 @@ class Notify(_Model):
         return self
 
 
+class HandoffStore(_Model):
+    """Where a swarm moves artifacts between the invoking host and the nodes: an S3 bucket and prefix.
+    `endpoint` is how this host reaches it; `node_endpoint` how the nodes do (default: the same)."""
+
+    url: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")]
+    endpoint: str | None = None
+    node_endpoint: str | None = None
+
+
+class Executor(_Model):
+    """Where stages run: `local` (this host's engine), `swarm` (a Docker Swarm manager at `host`), or `kubernetes`
+    (batch/v1 Jobs in `namespace`, kube_executor.py)."""
+
+    model_config = ConfigDict(json_schema_extra={  # _needs, for editors
+        "allOf": [
+            {"if": {"required": ["kind"], "properties": {"kind": {"const": "swarm"}}},
+             "then": {"required": ["registry", "store"]}},
+            {"if": {"required": ["kind"], "properties": {"kind": {"const": "kubernetes"}}},
+             "then": {"required": ["handoff"]}},
+        ],
+    })
+    kind: Literal["local", "swarm", "kubernetes"] = "local"
+    pending_timeout: Seconds = 300.0  # swarm, kubernetes: a task or pod not started by then fails with the reason
+    # swarm
+    host: str | None = None  # the manager's endpoint; default DOCKER_HOST
+    registry: str | None = None  # built images are pushed here and run as registry/repo@sha256:...
+    constraints: tuple[str, ...] = ()  # placement constraints for every stage
+    store: HandoffStore | None = None  # required: the hand-off store
+    handoff_dir: str = "/var/lib/pipe-handoff"  # a folder that exists on every node (node-local disk)
+    # kubernetes
+    namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = "default"
+    context: str | None = None  # a kubeconfig context; None: the current one (KUBECONFIG, ~/.kube/config)
+    handoff: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")] | None = None  # s3://bucket/prefix/ for pods
+    endpoint: str | None = None  # an S3-compatible endpoint URL, as pods and pipe both reach it
+    agent_image: str = "pipe-busybox:latest"  # the init and upload containers' image (busybox sh, wget, tar)
+
+    @model_validator(mode="after")
+    def _needs(self) -> Self:
+        if self.kind == "swarm" and self.registry is None:
+            raise keyed_error("registry", "a swarm needs 'registry' (where built images are pushed)")
+        if self.kind == "swarm" and self.store is None:
+            raise keyed_error("store", "a swarm needs 'store' ({url: s3://bucket/prefix/}: artifacts move "
+                              "between nodes through it)")
+        if self.kind == "kubernetes" and self.handoff is None:
+            raise keyed_error("handoff", "kubernetes needs 'handoff' (s3://bucket/prefix/: pods exchange files "
+                              "through it)")
+        return self
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a Pipeline came from: its file and the line of every dotted key."""
@@ -428,7 +465,7 @@ class Pipeline(_Model):
     secrets_file: str | None = None  # KEY=VALUE lines, outside the repository; the environment wins
     serve: Serve | None = None
     notify: tuple[Notify, ...] = ()
-    executor: KubernetesExecutor | None = None  # None: the local Docker engine
+    executor: Executor = Executor()
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
 
     def with_source(self, source: Source) -> Pipeline:

@@ -11,6 +11,8 @@ PIPE_TEST_POSTGRES_URL=${PIPE_TEST_POSTGRES_URL:-$(bash scripts/postgres.sh)}
 export PIPE_TEST_POSTGRES_URL
 # the remote store's tests run against a real S3 server: a private Ceph radosgw on loopback, started here
 if [ -z "${PIPE_TEST_S3_ENDPOINT:-}" ]; then set -a; eval "$(bash scripts/s3.sh)"; set +a; fi
+# the swarm executor's tests run on a real 3-node swarm: private dockerds in network namespaces, started here
+if [ -z "${PIPE_TEST_SWARM_HOST:-}" ]; then set -a; eval "$(bash scripts/cluster.sh up)"; set +a; fi
 export AWS_EC2_METADATA_DISABLED=true
 # the kubernetes executor's contract runs against a real cluster (built once, then reused from /var/cache/pipe-k8s)
 # inside a network namespace with no route out; its tests run there, everything else here

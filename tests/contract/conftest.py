@@ -1,5 +1,11 @@
-"""The kubernetes test cluster as a session fixture (scripts/k8s/up.sh; scripts/test.sh runs the k8s tests
-inside its network namespace with PIPE_TEST_KUBECONFIG and PIPE_TEST_K8S_S3_ENDPOINT set)."""
+"""The executor contract suite's harness: the same tests against the local DockerExecutor and the SwarmExecutor on
+the private 3-node swarm of scripts/cluster.sh (PIPE_TEST_SWARM_HOST; in CI, scripts/test.sh brings it up).
+
+A Harness runs ContainerSpecs and answers what the tests ask of an engine: the image to use, the containers
+of a test left on any node, the cgroup a stage saw. Nothing skips under PIPE_REQUIRE_DOCKER (CI).
+
+The kubernetes test cluster is a session fixture too (`cluster`: scripts/k8s/up.sh; scripts/test.sh runs the k8s
+tests inside its network namespace with PIPE_TEST_KUBECONFIG and PIPE_TEST_K8S_S3_ENDPOINT set)."""
 
 from __future__ import annotations
 
@@ -8,11 +14,123 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REQUIRE_DOCKER
+from orchestrator.executor import (
+    LABEL_MANAGED,
+    LABEL_PIPELINE,
+    LABEL_RUN,
+    LABEL_STAGE,
+    ContainerSpec,
+    ExecResult,
+)
+from tests.conftest import BUSYBOX, REQUIRE_DOCKER
+
+SWARM_HOST = os.environ.get("PIPE_TEST_SWARM_HOST")
+SWARM_NODES = [u for u in os.environ.get("PIPE_TEST_SWARM_NODES", "").split(",") if u]
+SWARM_REGISTRY = os.environ.get("PIPE_TEST_SWARM_REGISTRY", "")
+SWARM_S3_NODE = os.environ.get("PIPE_TEST_SWARM_S3_NODE_ENDPOINT", "")
+SWARM_HANDOFF = os.environ.get("PIPE_TEST_SWARM_HANDOFF_DIR", "")
+REMOVAL_BOUND_S = 15  # how long a node may take to remove the container of a removed service
+
+
+@dataclass
+class Harness:
+    kind: str
+    executor: Any
+    image: str  # what ContainerSpec.image_id holds for the busybox image
+    owner: str  # LABEL_PIPELINE of this test's specs
+    clients: list[Any] = field(default_factory=list)  # every engine a container may land on
+    manager: Any = None
+
+    def spec(self, name: str, command: str, **kwargs: Any) -> ContainerSpec:
+        labels = {LABEL_MANAGED: "1", LABEL_PIPELINE: self.owner, LABEL_RUN: "r1", LABEL_STAGE: name}
+        return ContainerSpec(name=name, image_id=kwargs.pop("image", self.image), command=("sh", "-c", command),
+                             labels=labels, user=f"{os.getuid()}:{os.getgid()}", **kwargs)
+
+    def run(self, spec: ContainerSpec) -> tuple[ExecResult, list[str]]:
+        lines: list[str] = []
+        return self.executor.run(spec, lines.append), lines
+
+    def leftovers(self) -> list[str]:
+        """Containers (every node), services, secrets and networks of this test still there."""
+        found = []
+        for client in self.clients:
+            for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={self.owner}"}):
+                found.append(f"container {c.name}")
+        if self.manager is not None:
+            flt = {"label": [f"{LABEL_PIPELINE}={self.owner}"]}
+            found += [f"service {s['Spec']['Name']}" for s in self.manager.api.services(filters=flt)]
+            found += [f"secret {s['Spec']['Name']}" for s in self.manager.api.secrets(filters=flt)]
+            found += [f"network {n['Name']}" for n in self.manager.api.networks(filters=flt)]
+            for node_dir in sorted(Path(SWARM_HANDOFF).parent.glob("local-n*")):  # the nodes' hand-off folders
+                found += [f"hand-off folder {p}" for p in node_dir.iterdir()]
+        return found
+
+
+def _swarm_required() -> None:
+    if not SWARM_HOST:
+        if REQUIRE_DOCKER:
+            pytest.fail("PIPE_TEST_SWARM_HOST is not set: run the tests through scripts/test.sh (scripts/cluster.sh)")
+        pytest.skip("PIPE_TEST_SWARM_HOST is not set (start the cluster with scripts/cluster.sh)")
+
+
+@pytest.fixture(scope="session")
+def swarm_image() -> str:
+    """pipe-busybox on the manager, pushed to the registry once: its image id (refs map it to the digest)."""
+    _swarm_required()
+    import docker
+
+    return str(docker.DockerClient(base_url=SWARM_HOST).images.get(BUSYBOX).id)
+
+
+def swarm_backend(s3: Any, tmp_path: Path, **executor: Any) -> Any:
+    from orchestrator.spec import Pipeline
+    from orchestrator.swarm_backend import SwarmBackend
+
+    pipeline = Pipeline.model_validate({
+        "stages": {"a": {"image": BUSYBOX, **executor.pop("stage", {})}},
+        "executor": {"kind": "swarm", "host": SWARM_HOST, "registry": SWARM_REGISTRY, "handoff_dir": SWARM_HANDOFF,
+                     "store": {"url": s3.url("handoff"), "endpoint": s3.endpoint, "node_endpoint": SWARM_S3_NODE},
+                     **executor},
+    })
+    return SwarmBackend(pipeline)
+
+
+@pytest.fixture(params=["local", "swarm"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    owner = str(tmp_path)
+    if request.param == "local":
+        docker = request.getfixturevalue("docker")
+        from orchestrator.docker_executor import DockerExecutor
+
+        h = Harness("local", DockerExecutor(docker), BUSYBOX, owner, clients=[docker])
+    else:
+        import docker as sdk
+
+        image = request.getfixturevalue("swarm_image")
+        s3 = request.getfixturevalue("s3")
+        backend = swarm_backend(s3, tmp_path)
+        backend._refs[image] = backend.publish(image, "pipe/busybox")
+        h = Harness("swarm", backend.executor(), image, owner,
+                    clients=[sdk.DockerClient(base_url=u) for u in SWARM_NODES], manager=backend._client)
+    yield h
+    # a node removes a task's container shortly after its service is removed (asynchronously): bounded here
+    from tests.conftest import wait_for
+
+    try:
+        wait_for(lambda: not h.leftovers(), timeout=REMOVAL_BOUND_S, what="no containers left on any node")
+    except AssertionError:
+        pass
+    leftovers = h.leftovers()
+    for client in h.clients:  # never leave a failed test's containers behind
+        for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
+            c.remove(force=True)
+    assert leftovers == [], f"left behind: {leftovers}"
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60) -> bool:

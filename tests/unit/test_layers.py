@@ -15,13 +15,13 @@ LAYER = {
     "imageplan": 2, "prune": 2, "objectstore": 2, "remote": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "crontab": 3, "runner": 3, "decide": 3,
-    "recorder": 3, "backend": 3, "kube_executor": 3, "kube_spec": 1, "notify": 3, "serve_docker": 3, "serve_proxy": 1,
+    "recorder": 3, "backend": 3, "handoff": 3, "swarm_executor": 3, "swarm_backend": 3, "kube_executor": 3, "kube_spec": 1, "notify": 3, "serve_docker": 3, "serve_proxy": 1,
     "compare": 2, "plots": 2, "report": 3,
     "api": 4, "serving": 4, "serve_api": 4, "explore": 4,
     "console": 5, "cli": 5, "webpages": 5, "webui": 5, "__main__": 6,
 }
 LIBRARIES = {
-    "docker": {"docker_executor", "images", "serve_docker"},
+    "docker": {"docker_executor", "images", "serve_docker", "swarm_executor", "swarm_backend"},
     "sqlalchemy": {"store"},  # and every store.* module but store.records
     "networkx": {"plan"},
     "yaml": {"yamlfile"},

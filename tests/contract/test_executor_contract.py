@@ -1,0 +1,102 @@
+"""One contract for every executor (issue 16): the same ContainerSpecs on the local engine and on a real 3-node
+swarm give the same outcomes, exit codes, caps, mounts and cleanup. Real containers, nothing faked."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from orchestrator.executor import Mount, Outcome
+from tests.conftest import wait_for
+from tests.contract.conftest import Harness
+
+
+def test_success_comes_with_its_output(harness: Harness) -> None:
+    result, lines = harness.run(harness.spec("hello", "echo out-line; echo err-line >&2"))
+    assert (result.outcome, result.exit_code, result.reason) == (Outcome.SUCCEEDED, 0, "")
+    assert sorted(lines) == ["err-line", "out-line"]
+
+
+def test_the_exact_exit_code_is_reported(harness: Harness) -> None:
+    result, _ = harness.run(harness.spec("three", "exit 3"))
+    assert (result.outcome, result.exit_code, result.reason) == (Outcome.FAILED, 3, "exited with code 3")
+
+
+def test_a_container_that_never_started_is_an_error_not_exit_0(harness: Harness) -> None:
+    missing = "sha256:" + "0" * 64
+    result, _ = harness.run(harness.spec("nostart", "true", image=missing))
+    assert result.outcome is Outcome.ERROR
+    assert result.exit_code is None
+    assert result.reason
+
+
+def test_memory_over_the_cap_is_an_oom(harness: Harness) -> None:
+    result, _ = harness.run(harness.spec("oom", "echo start; tail /dev/zero", memory_bytes=32 << 20))
+    assert result.outcome is Outcome.OOM
+    assert "out of memory" in result.reason and "32 MiB" in result.reason
+
+
+def test_cpu_memory_and_pids_caps_are_in_the_containers_cgroup(harness: Harness) -> None:
+    read = ("cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us "
+            "/sys/fs/cgroup/cpu/cpu.cfs_period_us /sys/fs/cgroup/pids/pids.max")
+    result, lines = harness.run(harness.spec("caps", read, memory_bytes=64 << 20, cpus=0.5, pids=77))
+    assert result.outcome is Outcome.SUCCEEDED
+    memory, quota, period, pids = lines
+    assert int(memory) == 64 << 20
+    assert int(quota) / int(period) == 0.5
+    assert pids == "77"
+
+
+def test_inputs_are_read_only_outputs_writable_and_come_back_to_the_host(harness: Harness, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "x.txt").write_text("input-bytes\n")
+    (tmp_path / "one.csv").write_text("a,b\n1,2\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    script = ("cat /inputs/up/sub/x.txt /workspace/one.csv; touch /inputs/up/new 2>/dev/null && echo WROTE-INPUT; "
+              "mkdir /outputs/d; cp /inputs/up/sub/x.txt /outputs/d/copy.txt; echo ok > /outputs/flag")
+    mounts = (Mount(out, "/outputs", read_only=False), Mount(data, "/inputs/up"),
+              Mount(tmp_path / "one.csv", "/workspace/one.csv"))
+    result, lines = harness.run(harness.spec("io", script, mounts=mounts))
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert lines == ["input-bytes", "a,b", "1,2"]
+    assert (out / "d" / "copy.txt").read_text() == "input-bytes\n"
+    assert (out / "flag").read_text() == "ok\n"
+    assert sorted(p.name for p in data.rglob("*")) == ["sub", "x.txt"]
+
+
+def test_the_deadline_is_enforced_by_pipe(harness: Harness) -> None:
+    result, _ = harness.run(harness.spec("slow", "sleep 60", timeout_s=2))
+    assert result.outcome is Outcome.TIMEOUT
+    assert result.reason.startswith("timed out after 2")
+    assert result.duration_s < 30
+
+
+def test_cancel_stops_the_stage_and_leaves_nothing(harness: Harness) -> None:
+    outcome: list[Outcome] = []
+    worker = threading.Thread(target=lambda: outcome.append(harness.run(harness.spec("long", "sleep 60"))[0].outcome))
+    worker.start()
+    wait_for(lambda: any(c.containers.list(filters={"label": "dev.pipe.stage=long"}) for c in harness.clients),
+             timeout=60, what="the stage's container")
+    harness.executor.stop_all()
+    worker.join(60)
+    assert outcome == [Outcome.CANCELLED]
+    # the harness fixture asserts that no container, service, secret or network of this test is left anywhere
+
+
+def test_no_network_unless_asked(harness: Harness) -> None:
+    probe = "ip -o -4 addr show | grep -v ' lo ' | wc -l; ip route | grep -c default || true"
+    result, lines = harness.run(harness.spec("net", probe))
+    assert result.outcome is Outcome.SUCCEEDED
+    assert lines[-1] == "0"  # no route out, whatever interface the engine gives
+
+
+def test_the_sandbox_fields_are_applied(harness: Harness) -> None:
+    probe = "id -u; grep CapEff /proc/self/status; touch /rootfs-write 2>/dev/null || echo ro-root; ps -o comm | sed -n 2p"
+    result, lines = harness.run(harness.spec("sandbox", probe))
+    assert result.outcome is Outcome.SUCCEEDED
+    import os
+
+    assert lines[:3] == [str(os.getuid()), "CapEff:\t0000000000000000", "ro-root"]
+    assert lines[3] == "docker-init"  # init: PID 1 reaps and forwards signals
