@@ -274,7 +274,7 @@ def push(local: Cache, remote: RemoteCache, items: Sequence[tuple[str, str]], *,
             error = str(e)
             done.append(EntrySync(stage, key, "failed", counter.files, counter.bytes))
             continue
-        status = "pushed" if transfer.manifest_written or transfer.files else "present"
+        status = "pushed" if transfer.manifest_written else "present"  # present: another's manifest won
         done.append(EntrySync(stage, key, status, transfer.files, transfer.bytes))
     return SyncReport(remote.url, "push", tuple(done), time.monotonic() - start, error, run_id)
 
