@@ -370,8 +370,8 @@ def cache_gc(
         from orchestrator import sharing
         from orchestrator.units import parse_duration
 
-        try:
-            grace_s = parse_duration(grace)
+        try:  # 0 is allowed here (no grace: nothing may be pushing), unlike a timeout
+            grace_s = 0.0 if grace.strip() in ("0", "0s") else parse_duration(grace)
         except ValueError as e:
             raise UsageError(f"--grace: {e}") from e
         found = sharing.remote_gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run, grace_s)
