@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the comma
     from orchestrator.cachestore import CacheStore
     from orchestrator.decide import Decision
     from orchestrator.imageplan import ImageForecast
+    from orchestrator.logstore import LogStore
     from orchestrator.runner import StageRunner, Upstream
     from orchestrator.store.store import Store
 
@@ -471,13 +472,18 @@ def log_path(target: Target, run: str, stage: str, origin: bool = False) -> Stag
     return StageLog(info, this, Path(this.log_path))
 
 
-def follow_log(target: Target, log: StageLog, poll_s: float = 0.3) -> Iterator[bytes]:
+def follow_log(target: Target, log: StageLog, poll_s: float = 0.3, logs: LogStore | None = None
+               ) -> Iterator[bytes]:
     """The lines of `log` (bytes, each with its newline but maybe the last), then, while its stage still runs,
-    each line it gains (`pipe logs -f`). Opens the store once. NotFound when there is no file to read."""
+    each line it gains (`pipe logs -f`), read through a LogStore (this host's files by default). Opens the
+    store once. NotFound when there is no log to read."""
     import time
 
     from orchestrator.errors import NotFound
+    from orchestrator.logstore import LocalLogStore
 
+    logs = logs or LocalLogStore()
+    ref = str(log.path)
     loaded = load(target)
     run_id = log.origin or log.run.id
     with read_store(loaded) as store:
@@ -485,25 +491,27 @@ def follow_log(target: Target, log: StageLog, poll_s: float = 0.3) -> Iterator[b
         def running() -> bool:
             return _stage_running(store.get_run(run_id, loaded.pipeline.display_name), log.stage.stage)
 
-        while not log.path.exists() and running():
+        while logs.read(ref, 0, 0) is None and running():
             time.sleep(poll_s)  # started, but its container has not written the log yet
-        if not log.path.exists():
+        if logs.read(ref, 0, 0) is None:
             raise NotFound(f"stage {log.stage.stage} of run {run_id} has no log file at {log.path}")
-        with open(log.path, "rb") as f:
-            partial = b""
-            while True:
-                chunk = f.read(1 << 16)
-                if chunk:
-                    *lines, partial = (partial + chunk).split(b"\n")
-                    yield from (line + b"\n" for line in lines)
-                elif running():
-                    time.sleep(poll_s)
-                else:
-                    rest = partial + f.read()  # what it wrote between the last read and its end
-                    yield from (line + b"\n" for line in rest.split(b"\n")[:-1])
-                    if rest and not rest.endswith(b"\n"):
-                        yield rest.rsplit(b"\n", 1)[-1]
-                    return
+        partial, offset = b"", 0
+        while True:
+            chunk = logs.read(ref, offset) or b""
+            offset += len(chunk)
+            if chunk:
+                *lines, partial = (partial + chunk).split(b"\n")
+                yield from (line + b"\n" for line in lines)
+            elif running():
+                time.sleep(poll_s)
+            else:
+                rest = partial
+                while more := logs.read(ref, offset) or b"":  # what it wrote between the last read and its end
+                    rest, offset = rest + more, offset + len(more)
+                yield from (line + b"\n" for line in rest.split(b"\n")[:-1])
+                if rest and not rest.endswith(b"\n"):
+                    yield rest.rsplit(b"\n", 1)[-1]
+                return
 
 
 def metric_history(target: Target, limit: int) -> list[MetricPoint]:

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 LAYER = {
     "errors": 0, "units": 0,
     "spec": 1, "executor": 1, "results": 1, "events": 1, "hashing": 1, "store.records": 1, "metrics": 1, "hostfiles": 1,
+    "logstore": 1,
     "fsops": 1,
     "yamlfile": 2, "loader": 2, "overrides": 2, "plan": 2, "cron": 2, "cachekey": 2, "cache": 2, "state": 2,
     "imageplan": 2, "prune": 2, "objectstore": 2, "remote": 2, "cachestore": 2,
