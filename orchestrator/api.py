@@ -261,7 +261,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
     caches = sharing.cache_store(pipeline, state, fetch=True)
-    sharing.check_remote(caches, reporter)
+    sharing.check_remote(pipeline, caches, reporter)
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
         backend.sweep(str(state.root), is_alive=store.run_alive)
         upstream = _earlier_outputs(prepared.plan, pipeline, store)

@@ -15,9 +15,9 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.cachekey import Ingredients
-from orchestrator.cachestore import CacheStore
 from orchestrator.decide import WORKDIR, Decision, History, decide
 from orchestrator.errors import PipeError
 from orchestrator.events import Notice, Reporter, StageOutput, StagePlanned, StageRunning
@@ -39,6 +39,9 @@ from orchestrator.metrics import MetricsError, check_gate, read_metrics
 from orchestrator.results import Artifact, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
+
+if TYPE_CHECKING:  # cachestore brings objectstore, and so boto3, which a pipeline without a remote never loads
+    from orchestrator.cachestore import CacheStore
 
 
 @dataclass(frozen=True)

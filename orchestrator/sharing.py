@@ -51,9 +51,11 @@ def remote_cache(pipeline: Pipeline) -> RemoteCache:
     return RemoteCache(ObjectStore(pipeline.remote.url, pipeline.remote.endpoint))
 
 
-def check_remote(caches: Any, reporter: Reporter) -> None:
+def check_remote(pipeline: Pipeline, caches: Any, reporter: Reporter) -> None:
     """Before a run: RemoteError (exit 4, one line) when the remote refuses us (credentials, bucket); a remote
     that does not answer is a warning, and the run goes on with the local cache alone."""
+    if pipeline.remote is None:
+        return  # before any import: a pipeline without a remote never loads boto3
     from orchestrator.cachestore import LayeredCache
     from orchestrator.objectstore import RemoteUnreachable
 
@@ -71,9 +73,11 @@ def auto_push(pipeline: Pipeline, caches: Any, summary: RunSummary, order: tuple
     """`push: auto`: once a run has ended (not cancelled), the entries of its stages that succeeded or were
     restored from the local cache go to the remote (entries it fetched from there do not go back). A failed push
     is a warning, never the run's failure: `pipe push RUN`, or the next run, sends what is missing."""
+    if pipeline.remote is None or pipeline.remote.push != "auto":
+        return None  # before any import: a pipeline without a remote never loads boto3
     from orchestrator.cachestore import LayeredCache, push, pushable
 
-    if not isinstance(caches, LayeredCache) or pipeline.remote is None or pipeline.remote.push != "auto":
+    if not isinstance(caches, LayeredCache):
         return None
     if summary.status is RunStatus.CANCELLED:
         return None
