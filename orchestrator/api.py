@@ -31,9 +31,11 @@ from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, TickA
 if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the commands that use them
     from orchestrator.backend import Backend
     from orchestrator.cache import GcReport, Manifest, VerifyReport
+    from orchestrator.cachestore import CacheStore
     from orchestrator.cron import CrontabEntry
     from orchestrator.decide import Decision
     from orchestrator.imageplan import ImageForecast
+    from orchestrator.logstore import LogStore
     from orchestrator.parallel import Demand, Execution
     from orchestrator.prune import DiskUse
     from orchestrator.runner import StageRunner, Upstream
@@ -221,15 +223,18 @@ class _StoreHistory:
 
 def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: Store, state: StateDir,
               images: Mapping[str, ImageForecast], upstream: Mapping[str, Upstream],
-              force: frozenset[str]) -> Forecast:
-    from orchestrator.cache import Cache
+              force: frozenset[str], cache: CacheStore | None = None) -> Forecast:
+    """decide() for every stage as a dry run. The cache store, by default the one `remote:` asks for (local,
+    or local then remote), reads only: a remote hit is reported as "cached (remote)", nothing downloaded."""
+    from orchestrator import sharing
     from orchestrator.decide import forecast
     from orchestrator.runner import hash_inputs
 
     inputs = hash_inputs(pipeline, order, store.hash_memo())
     decisions = forecast(pipeline, order, images={n: (f.image_id, f.reason) for n, f in images.items()},
                          inputs=inputs, upstream={n: u.digest for n, u in upstream.items()}, force=force,
-                         cache=Cache(state.cache_dir), history=_StoreHistory(store, pipeline.display_name))
+                         cache=cache or sharing.cache_store(pipeline, state, fetch=False),
+                         history=_StoreHistory(store, pipeline.display_name))
     return Forecast(pipeline, decisions)
 
 
@@ -238,7 +243,7 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     from orchestrator.backend import backend_for
 
     prepared = prepare(request)
-    backend = backend or backend_for(prepared.pipeline, request.docker_url)
+    backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor)
     pipeline, order = prepared.pipeline, prepared.plan.order
     with read_store(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
@@ -249,8 +254,8 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None,
                  backend: Backend | None = None) -> RunSummary:
     """prepare -> lock -> recover -> images -> hash inputs -> execute -> record (docs/architecture.md)."""
+    from orchestrator import sharing
     from orchestrator.backend import backend_for
-    from orchestrator.cache import Cache
     from orchestrator.hashing import hash_tree
     from orchestrator.recorder import Recorder
     from orchestrator.runner import StageRunner, hash_inputs
@@ -260,6 +265,8 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor)
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
+    caches = sharing.cache_store(pipeline, state, fetch=True)
+    sharing.check_remote(pipeline, caches, reporter)
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
         backend.sweep(str(state.root), is_alive=store.run_alive)
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
@@ -273,7 +280,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         recorder = Recorder(store, run_id, pipeline, state, reporter)
         executor = backend.executor()
         run_stage = StageRunner(
-            pipeline=pipeline, run_id=run_id, state=state, cache=Cache(state.cache_dir), executor=executor,
+            pipeline=pipeline, run_id=run_id, state=state, cache=caches, executor=executor,
             reporter=recorder, history=_StoreHistory(store, pipeline.display_name),
             gate_baseline=lambda stage, metric: store.gate_baseline(pipeline.display_name, stage, metric),
             image_ids=image_ids, input_digests=input_digests,
@@ -283,6 +290,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
         store.finish_run(run_id, summary.status, summary.exit_code)
+        sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
             from orchestrator.serve_api import after_run
             for line in after_run(prepared.loaded, store, summary, request.docker_url):
@@ -476,13 +484,18 @@ def log_path(target: Target, run: str, stage: str, origin: bool = False) -> Stag
     return StageLog(info, this, Path(this.log_path))
 
 
-def follow_log(target: Target, log: StageLog, poll_s: float = 0.3) -> Iterator[bytes]:
+def follow_log(target: Target, log: StageLog, poll_s: float = 0.3, logs: LogStore | None = None
+               ) -> Iterator[bytes]:
     """The lines of `log` (bytes, each with its newline but maybe the last), then, while its stage still runs,
-    each line it gains (`pipe logs -f`). Opens the store once. NotFound when there is no file to read."""
+    each line it gains (`pipe logs -f`), read through a LogStore (this host's files by default). Opens the
+    store once. NotFound when there is no log to read."""
     import time
 
     from orchestrator.errors import NotFound
+    from orchestrator.logstore import LocalLogStore
 
+    logs = logs or LocalLogStore()
+    ref = str(log.path)
     loaded = load(target)
     run_id = log.origin or log.run.id
     with read_store(loaded) as store:
@@ -490,25 +503,27 @@ def follow_log(target: Target, log: StageLog, poll_s: float = 0.3) -> Iterator[b
         def running() -> bool:
             return _stage_running(store.get_run(run_id, loaded.pipeline.display_name), log.stage.stage)
 
-        while not log.path.exists() and running():
+        while logs.read(ref, 0, 0) is None and running():
             time.sleep(poll_s)  # started, but its container has not written the log yet
-        if not log.path.exists():
+        if logs.read(ref, 0, 0) is None:
             raise NotFound(f"stage {log.stage.stage} of run {run_id} has no log file at {log.path}")
-        with open(log.path, "rb") as f:
-            partial = b""
-            while True:
-                chunk = f.read(1 << 16)
-                if chunk:
-                    *lines, partial = (partial + chunk).split(b"\n")
-                    yield from (line + b"\n" for line in lines)
-                elif running():
-                    time.sleep(poll_s)
-                else:
-                    rest = partial + f.read()  # what it wrote between the last read and its end
-                    yield from (line + b"\n" for line in rest.split(b"\n")[:-1])
-                    if rest and not rest.endswith(b"\n"):
-                        yield rest.rsplit(b"\n", 1)[-1]
-                    return
+        partial, offset = b"", 0
+        while True:
+            chunk = logs.read(ref, offset) or b""
+            offset += len(chunk)
+            if chunk:
+                *lines, partial = (partial + chunk).split(b"\n")
+                yield from (line + b"\n" for line in lines)
+            elif running():
+                time.sleep(poll_s)
+            else:
+                rest = partial
+                while more := logs.read(ref, offset) or b"":  # what it wrote between the last read and its end
+                    rest, offset = rest + more, offset + len(more)
+                yield from (line + b"\n" for line in rest.split(b"\n")[:-1])
+                if rest and not rest.endswith(b"\n"):
+                    yield rest.rsplit(b"\n", 1)[-1]
+                return
 
 
 def metric_history(target: Target, limit: int) -> list[MetricPoint]:
@@ -550,24 +565,36 @@ def status(target: Target, backend: Backend | None = None) -> StatusReport:
     """The latest run and what would run next time and why: the same forecast as `pipe run --dry-run`. Images
     are checked with the engine's read-only view when it answers; without one, from what the last resolution
     recorded (base images are then assumed unchanged)."""
-    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
-
     loaded = load(target)
-    pipeline = loaded.pipeline
-    plan = build_plan(pipeline)
     with read_store(loaded) as store:
-        run = store.latest_run(pipeline.display_name)
-        hash_memo = store.hash_memo()
-        backend = backend or _engine_if_up()
-        if backend is not None:
-            images = backend.forecast_images(pipeline, plan.order, loaded.state.images_memo, hash_memo)
-        else:
-            memo = ImageMemo.load(loaded.state.images_memo)
-            images = forecast(pipeline, plan.order, memo, RecordedView(memo), hash_memo)
-        next_run = _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset())
+        run = store.latest_run(loaded.pipeline.display_name)
+        decisions = _next_run(loaded, store, backend)
     from orchestrator.prune import disk_use
 
-    return StatusReport(pipeline, run, next_run.decisions, disk_use(loaded.state))
+    return StatusReport(loaded.pipeline, run, decisions, disk_use(loaded.state))
+
+
+def next_run(target: Target, backend: Backend | None = None, cache: CacheStore | None = None) -> list[Decision]:
+    """What the next whole run would do (`pipe status`'s "next run"), for `pipe pull`."""
+    loaded = load(target)
+    with read_store(loaded) as store:
+        return _next_run(loaded, store, backend, cache)
+
+
+def _next_run(loaded: Loaded, store: Store, backend: Backend | None, cache: CacheStore | None = None
+              ) -> list[Decision]:
+    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
+
+    pipeline = loaded.pipeline
+    plan = build_plan(pipeline)
+    hash_memo = store.hash_memo()
+    backend = backend or _engine_if_up()
+    if backend is not None:
+        images = backend.forecast_images(pipeline, plan.order, loaded.state.images_memo, hash_memo)
+    else:
+        memo = ImageMemo.load(loaded.state.images_memo)
+        images = forecast(pipeline, plan.order, memo, RecordedView(memo), hash_memo)
+    return _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset(), cache).decisions
 
 
 def _engine_if_up() -> Backend | None:
@@ -686,11 +713,8 @@ def gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: 
     loaded = load(target)
     state, now = loaded.state, datetime.now(UTC)
     with open_store(loaded) as store, state.lock():
-        history = store.list_runs(loaded.pipeline.display_name, limit=2**31 - 1, with_stages=True)
-        plan = prune.plan_runs(history, prune.KeepPolicy(keep_runs, keep_days), now,
-                               lambda run_id: state.run_dir(run_id).is_dir())
-        keys = {s.cache_key for r in plan.keep for s in r.stages if s.cache_key}
-        keys |= store.referenced_cache_keys(keep_runs=keep_runs, keep_days=keep_days)  # other pipelines' too
+        plan = _kept_runs(loaded, store, keep_runs, keep_days, now)
+        keys = kept_keys(loaded, store, keep_runs, keep_days, now, plan)
         freed = Freed()
         removed = plan.remove if runs else ()
         prune.remove_runs(state, removed, freed, dry_run)
@@ -705,6 +729,23 @@ def gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: 
             used |= {m.ingredients.image for m in cache.entries() if m.key in keys}
             result = _gc_images(loaded, used, dry_run, docker_url, result)
     return result
+
+
+def _kept_runs(loaded: Loaded, store: Store, keep_runs: int | None, keep_days: float | None, now: datetime
+               ) -> Any:
+    from orchestrator import prune
+
+    history = store.list_runs(loaded.pipeline.display_name, limit=2**31 - 1, with_stages=True)
+    return prune.plan_runs(history, prune.KeepPolicy(keep_runs, keep_days), now,
+                           lambda run_id: loaded.state.run_dir(run_id).is_dir())
+
+
+def kept_keys(loaded: Loaded, store: Store, keep_runs: int | None, keep_days: float | None, now: datetime,
+              plan: Any = None) -> set[str]:
+    """The cache keys gc keeps: those of the runs the policy keeps, and those other pipelines' kept runs use."""
+    plan = plan if plan is not None else _kept_runs(loaded, store, keep_runs, keep_days, now)
+    keys = {s.cache_key for r in plan.keep for s in r.stages if s.cache_key}
+    return keys | store.referenced_cache_keys(keep_runs=keep_runs, keep_days=keep_days)
 
 
 def _gc_images(loaded: Loaded, used: set[str], dry_run: bool, docker_url: str | None, result: GcResult) -> GcResult:

@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -103,6 +103,17 @@ class Lookup:
 
     manifest: Manifest | None
     problem: str | None = None  # "cache entry 1a2b3c4d5e6f is damaged (...)"; the caller adds "; re-running"
+    remote: str | None = None  # a hit found in this remote (its URL), not in the local cache
+    fetched: Fetched | None = None  # what a remote hit brought into the local cache
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What bringing an entry from a remote cost: blobs and bytes downloaded, and the wall time it took."""
+
+    files: int
+    bytes: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,7 @@ class Cache:
         file. Symlinks are recorded, never followed. The manifest appears last and atomically. Raises PipeError
         naming the file when the disk refuses.
         """
-        entry_path = self._entry_path(key)
+        self._entry_path(key)  # ValueError for a malformed key, before any blob is stored
         try:
             sealed = True
             for entry in tree.files:
@@ -206,19 +217,39 @@ class Cache:
                 stage=stage,
                 sealed=sealed,
             )
-            entry_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry_path.with_name(f".{entry_path.name}.{secrets.token_hex(4)}.tmp")
-            try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(manifest.to_json())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, entry_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            self._write_entry(manifest)
         except OSError as e:
             raise PipeError(f"cannot save the outputs of {stage} to the cache in {self.root}: {e}") from e
         return manifest
+
+    def adopt(self, manifest: Manifest, fresh: frozenset[Path] = frozenset()) -> Manifest:
+        """Files `manifest` (from elsewhere: a remote) whose blobs another module put at blob_path(entry).
+
+        Each blob must be there with its size. The ones in `fresh` were just verified against their digest by
+        whoever put them there (remote.fetch_entry does): they are sealed. Any other blob must carry its tag
+        already, else it is hashed again (an older blob, or one written to in place); a blob that does not hash
+        to its digest is removed and PipeError raised. The manifest is written like save's (atomic), sealed
+        when every blob is; the filed Manifest is returned."""
+        key = manifest.key
+        sealed = True
+        try:
+            for entry in manifest.files:
+                if entry.link is not None:
+                    continue
+                blob = self.blob_path(entry)
+                st = blob.stat()
+                if st.st_size != entry.size:
+                    raise PipeError(self._damaged(key, f"blob of {entry.path} has {st.st_size} bytes, not {entry.size}"))
+                tag = _tag(entry.digest)
+                if blob not in fresh and st.st_mtime_ns % _NS != tag and hash_file(blob) != entry.digest:
+                    blob.unlink()
+                    raise PipeError(self._damaged(key, f"blob of {entry.path} is corrupt"))
+                sealed = (st.st_mtime_ns % _NS == tag or _seal(blob, tag)) and sealed
+            filed = replace(manifest, sealed=sealed)
+            self._write_entry(filed)
+        except OSError as e:
+            raise PipeError(f"cannot add cache entry {key[:12]} of {manifest.stage} to {self.root}: {e}") from e
+        return filed
 
     def restore(self, manifest: Manifest, dest: Path) -> None:
         """Materialises the outputs in `dest` (absent or empty) without copying bytes where possible.
@@ -361,6 +392,20 @@ class Cache:
         if not _KEY.match(key):
             raise ValueError(f"not a cache key: {key!r}")
         return self._entries / key[:2] / f"{key}.json"
+
+    def _write_entry(self, manifest: Manifest) -> None:
+        """The manifest under its key, atomically: a temporary name in the same folder, fsync, rename."""
+        entry_path = self._entry_path(manifest.key)
+        entry_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry_path.with_name(f".{entry_path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(manifest.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, entry_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _store_blob(self, source: Path, entry: FileEntry) -> bool:
         """The blob of `entry`, from `source` unless an intact one is there; True when it is sealed."""

@@ -558,11 +558,27 @@ def cache_gc(
     keep_runs: KeepRunsOpt = None,
     keep_days: KeepDaysOpt = None,
     dry_run: GcDryRunOpt = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Collect the `remote:` store instead.")] = False,
+    grace: Annotated[str, typer.Option("--grace", help="--remote: leave objects younger than this.")] = "1d",
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove cache entries that no kept run references (run folders stay: `pipe gc` prunes them too)."""
+    if remote:
+        from orchestrator import sharing
+        from orchestrator.units import parse_duration
+
+        try:  # 0 is allowed here (no grace: nothing may be pushing), unlike a timeout
+            grace_s = 0.0 if grace.strip() in ("0", "0s") else parse_duration(grace)
+        except ValueError as e:
+            raise UsageError(f"--grace: {e}") from e
+        found = sharing.remote_gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run, grace_s)
+        if json_out:
+            console.print_json(console.remote_gc_json(found))
+        else:
+            typer.echo(console.describe_remote_gc(found))
+        return
     report = api.cache_gc(_target(pipeline, state_dir, db), keep_runs, keep_days, dry_run)
     if json_out:
         console.print_json(console.gc_json(report, dry_run))
@@ -587,6 +603,72 @@ def gc(
         console.print_json(console.run_gc_json(result))
     else:
         console.print_run_gc(result)
+
+
+RunAndFileArg = Annotated[list[str] | None, typer.Argument(help="[RUN] [pipeline.yaml]", show_default=False)]
+
+
+def _run_and_file(words: list[str] | None) -> tuple[str | None, Path]:
+    """`[RUN] [FILE]`: a word ending in .yaml or .yml is the pipeline file, another the run."""
+    run_id, path = None, DEFAULT_FILE
+    for word in words or ():
+        if word.endswith((".yaml", ".yml")):
+            path = Path(word)
+        elif run_id is None:
+            run_id = word
+        else:
+            raise UsageError(f"expected [RUN] [pipeline.yaml], got {' '.join(words or ())}")
+    return run_id, path
+
+
+@app.command()
+def push(
+    words: RunAndFileArg = None,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload the cache entries of RUN (default: latest) to the pipeline's `remote:` (blobs, then manifests)."""
+    from orchestrator import sharing
+
+    run_id, path = _run_and_file(words)
+    progress = console.TransferProgress("push")
+    try:
+        report = sharing.push_run(_target(path, state_dir, db), run_id or "latest", progress)
+    finally:
+        progress.close()
+    _sync_done(report, json_out)
+
+
+@app.command()
+def pull(
+    words: RunAndFileArg = None,
+    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage's entry.")] = None,
+    state_dir: StateDirOpt = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download remote cache entries: those of RUN's stages, or (no RUN) those the next run would look up."""
+    from orchestrator import sharing
+
+    run_id, path = _run_and_file(words)
+    progress = console.TransferProgress("pull")
+    try:
+        report = sharing.pull(_target(path, state_dir, db), run_id, stage, progress=progress)
+    finally:
+        progress.close()
+    _sync_done(report, json_out)
+
+
+def _sync_done(report: Any, json_out: bool) -> None:
+    """Print a push or pull; a transfer the remote stopped exits 4 after its report (one line on stderr)."""
+    if json_out:
+        console.print_json(console.sync_json(report))
+    else:
+        console.print_sync(report)
+    if report.error is not None:
+        console.error(report.error)
+        raise typer.Exit(int(ExitCode.INFRA))
 
 
 @app.command()

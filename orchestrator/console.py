@@ -23,6 +23,7 @@ from orchestrator.events import (
     BuildStarted,
     Event,
     Notice,
+    Pushed,
     RunFinished,
     RunStarted,
     StageFinished,
@@ -155,6 +156,8 @@ class PlainReporter:
                 self._line(f"run {summary.run_id} {summary.status} (exit {int(summary.exit_code)})")
             case Notice(message=message):
                 self._line(f"warning: {message}")
+            case Pushed():
+                self._line(describe_pushed(event))
             case BuildStarted(stage=stage, context=context):
                 self._line(f"{stage}: building image from {context}")
             case BuildFinished():
@@ -240,6 +243,8 @@ class LiveReporter:
                     self._stop()
             case Notice(message=message):
                 self._console.print(Text(f"warning: {message}", style="yellow"))
+            case Pushed():
+                self._console.print(Text(describe_pushed(event), style="dim"))
             case StagePlanned(stage=stage, will_run=will_run, reasons=reasons) if stage not in self._rows:
                 self._console.print(Text(f"{stage}: {'runs' if will_run else 'cached'}: {', '.join(reasons)}"))
             case StageOutput(stage=stage, line=line) if stage not in self._rows:
@@ -471,12 +476,18 @@ def print_schedule(report: ScheduleReport) -> None:
 def print_forecast(decisions: list[Decision]) -> None:
     """A dry run's plan, one line per stage: the same words as `pipe status`'s "next run"."""
     for d in decisions:
-        _out().print(Text(f"{d.stage}: {'runs' if d.run else 'cached'}: {', '.join(d.reasons)}"))
+        if d.problem:
+            warn(f"{d.stage}: {d.problem}")
+        _out().print(Text(f"{d.stage}: {decision_word(d)}: {', '.join(d.reasons)}"))
 
 
 def decision_json(d: Decision) -> dict[str, Any]:
     return {"status": "would_run" if d.run else "cached", "runs": d.run, "reasons": list(d.reasons),
-            "cache_key": d.ingredients.key() if d.ingredients is not None else None}
+            "cache_key": d.ingredients.key() if d.ingredients is not None else None, "remote": d.remote}
+
+
+def decision_word(d: Decision) -> str:
+    return "runs" if d.run else "cached (remote)" if d.remote else "cached"
 
 
 def forecast_json(forecast: Forecast) -> dict[str, Any]:
@@ -518,7 +529,7 @@ def print_status(report: StatusReport) -> None:
         print_stages(run.stages, run_title(run))
     console.print(Text("next run:", style="bold"))
     for d in report.next_run:
-        what = Text("runs", style="yellow") if d.run else Text("cached", style="cyan")
+        what = Text(decision_word(d), style="yellow" if d.run else "cyan")
         console.print(Text(f"  {d.stage}: ").append(what).append(f": {', '.join(d.reasons)}"))
     if report.disk is not None:
         console.print(describe_disk(report.disk), highlight=False)
@@ -742,3 +753,92 @@ def print_sparklines(data: Any) -> None:
         line = f"{s.name:<{width}}  {sparkline(values)}  {values[0]:.4g} -> {values[-1]:.4g}"
         line += f"  (min {min(values):.4g}, max {max(values):.4g}, {plural(len(values), 'run')})"
         console.print(Text(line))
+
+
+# ---- the remote: push, pull, gc --remote ------------------------------------------------------------------------
+
+
+def describe_pushed(event: Pushed) -> str:
+    there = f"; {event.present} already there" if event.present else ""
+    return (f"pushed {plural(event.entries, 'cache entry', 'cache entries')} ({plural(event.files, 'file')}, "
+            f"{format_bytes(event.bytes)}) to {event.remote} in {format_duration(event.seconds)}{there}")
+
+
+class TransferProgress:
+    """push/pull progress on a terminal: files, bytes and rate on one line of stderr, redrawn at most 4 times a
+    second; nothing off a terminal (the final report says it all). Thread-safe (transfers run in parallel)."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._on = self._stream.isatty()
+        self._label, self._lock = label, threading.Lock()
+        self._files = self._bytes = self._total_files = self._total_bytes = 0
+        self._start, self._drawn = time.monotonic(), 0.0
+
+    def expect(self, files: int, nbytes: int) -> None:
+        with self._lock:
+            self._total_files, self._total_bytes = self._total_files + files, self._total_bytes + nbytes
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self._files, self._bytes = self._files + 1, self._bytes + nbytes
+            if self._on and time.monotonic() - self._drawn >= 0.25:
+                self._draw()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._on and self._drawn:
+                self._draw()
+                self._stream.write("\n")
+                self._stream.flush()
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        rate = self._bytes / max(now - self._start, 1e-6)
+        self._stream.write(f"\r{self._label}: {self._files}/{self._total_files} files, {format_bytes(self._bytes)}"
+                           f"/{format_bytes(self._total_bytes)}, {format_bytes(rate)}/s\x1b[K")
+        self._stream.flush()
+        self._drawn = now
+
+
+def sync_json(report: Any) -> dict[str, Any]:
+    """`pipe push --json` / `pipe pull --json` (a cachestore.SyncReport); stable keys, documented in README."""
+    return {"action": report.action, "remote": report.remote, "run_id": report.run_id, "ok": report.ok,
+            "error": report.error, "files": report.files, "bytes": report.bytes,
+            "seconds": round(report.seconds, 3),
+            "entries": [{"stage": e.stage, "key": e.key, "status": e.status, "files": e.files, "bytes": e.bytes,
+                         "message": e.message} for e in report.entries]}
+
+
+def print_sync(report: Any) -> None:
+    out = _out()
+    for e in report.entries:
+        if e.status == "damaged":
+            warn(f"{e.stage}: {e.message}")
+        size = f" ({plural(e.files, 'file')}, {format_bytes(e.bytes)})" if e.files else ""
+        why = f": {e.message}" if e.message and e.status != "damaged" else ""
+        out.print(Text(f"{e.stage}: {e.status}{size}{why}"))
+    done = "pushed" if report.action == "push" else "pulled"
+    where = "to" if report.action == "push" else "from"
+    counts = ", ".join(f"{report.count(k)} {k}" for k in ("present", "missing", "damaged", "unknown", "failed")
+                       if report.count(k))
+    out.print(Text(f"{done} {plural(report.count(done), 'entry', 'entries')} ({plural(report.files, 'file')}, "
+                   f"{format_bytes(report.bytes)}) {where} {report.remote} in {format_duration(report.seconds)}"
+                   + (f"; {counts}" if counts else "")))
+
+
+def remote_gc_json(report: Any) -> dict[str, Any]:
+    """`pipe cache gc --remote --json` (a remote.RemoteGcReport); stable keys, documented in README."""
+    return {"dry_run": report.dry_run, "remote": report.remote, "grace_s": report.grace_s, "entries_removed": report.entries_removed,
+            "entries_kept": report.entries_kept, "young_kept": report.young_kept,
+            "blobs_removed": report.blobs_removed, "blob_bytes": report.blob_bytes,
+            "removed_keys": list(report.removed_keys)}
+
+
+def describe_remote_gc(report: Any) -> str:
+    verb = "would remove" if report.dry_run else "removed"
+    young = f"; {report.young_kept} object(s) younger than {format_duration(report.grace_s)} left alone" \
+        if report.young_kept else ""
+    return (f"{report.remote}: {verb} {plural(report.entries_removed, 'entry', 'entries')} and "
+            f"{plural(report.blobs_removed, 'blob')} of {format_bytes(report.blob_bytes)}; "
+            f"kept {report.entries_kept}{young}")

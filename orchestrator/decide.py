@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from orchestrator.cache import Cache, Manifest
+from orchestrator.cache import Fetched, Lookup, Manifest
 from orchestrator.cachekey import KEY_VERSION, Ingredients, explain_miss
 from orchestrator.results import StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.store.records import StageRunInfo
+from orchestrator.units import format_bytes, format_duration
 
 WORKDIR = "/workspace"
 
@@ -39,6 +40,27 @@ class Decision:
     ingredients: Ingredients | None = None  # None while an upstream or the image is not known yet
     manifest: Manifest | None = None
     problem: str | None = None  # a damaged cache entry that was passed over (a warning)
+    remote: str | None = None  # a hit found in this remote, not in the local cache: "cached (remote)"
+    fetched: Fetched | None = None  # what a run's remote hit downloaded (a forecast downloads nothing)
+
+
+class Lookups(Protocol):
+    """What decide() asks of a cache (cachestore.CacheStore): local, remote or layered, all alike here."""
+
+    def lookup(self, key: str) -> Lookup:
+        ...
+
+
+def hit_reason(lookup: Lookup) -> str:
+    """ "cached from run R", or "cached (remote) from run R" with what a run fetched for it."""
+    assert lookup.manifest is not None
+    if lookup.remote is None:
+        return f"cached from run {lookup.manifest.run_id}"
+    reason = f"cached (remote) from run {lookup.manifest.run_id}"
+    if (f := lookup.fetched) is not None:
+        reason += (f", fetched {f.files} file{'s' * (f.files != 1)}, {format_bytes(f.bytes)} in "
+                   f"{format_duration(f.seconds)}")
+    return reason
 
 
 def ingredients_for(
@@ -69,7 +91,7 @@ def decide(
     inputs: Mapping[str, str],
     upstream: Mapping[str, str | None],
     force: frozenset[str],
-    cache: Cache,
+    cache: Lookups,
     history: History,
 ) -> Decision:
     """Whether `name` runs or is restored, and why.
@@ -87,8 +109,8 @@ def decide(
     if stage.cache and name not in force:
         lookup = cache.lookup(ingredients.key())
         if lookup.manifest is not None:
-            reason = f"cached from run {lookup.manifest.run_id}"
-            return Decision(name, False, (reason,), ingredients, lookup.manifest)
+            return Decision(name, False, (hit_reason(lookup),), ingredients, lookup.manifest, lookup.problem,
+                            lookup.remote, lookup.fetched)
         problem = lookup.problem
     reasons = miss_reasons(name, stage.cache, ingredients, history, force)
     return Decision(name, True, tuple(reasons), ingredients, problem=problem)
@@ -126,7 +148,7 @@ def forecast(
     inputs: Mapping[str, Mapping[str, str]],
     upstream: Mapping[str, str],
     force: frozenset[str],
-    cache: Cache,
+    cache: Lookups,
     history: History,
 ) -> list[Decision]:
     """decide() for every stage in plan order, as a dry run: a stage restored passes its digest down, a stage

@@ -74,6 +74,18 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Pushed:
+    """`push: auto` sent a run's cache entries to the remote once the run ended."""
+
+    remote: str  # its URL, s3://bucket/prefix/
+    entries: int  # entries this push filed remotely
+    present: int  # entries the remote had already
+    files: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class BuildStarted:
     """An image build sent to the engine (images.py, before the run starts; `pipe validate` too)."""
 
@@ -103,7 +115,7 @@ class BuildFinished:
 
 
 Event = (RunStarted | StagePlanned | StageStarted | StageRunning | StageOutput | StageRetrying | StageFinished
-         | RunFinished | Notice | BuildStarted | BuildProgress | BuildFinished)
+         | RunFinished | Notice | BuildStarted | BuildProgress | BuildFinished | Pushed)
 
 
 class Reporter(Protocol):

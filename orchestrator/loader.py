@@ -22,9 +22,11 @@ from orchestrator.errors import SpecError
 from orchestrator.hostfiles import host_memory_bytes
 from orchestrator.plan import check_acyclic
 from orchestrator.spec import (
+    ENDPOINT_PATTERN,
     ENV_NAME_PATTERN,
     NAME_PATTERN,
     PIPELINE_NAME_PATTERN,
+    REMOTE_URL_PATTERN,
     Pipeline,
     Source,
     describe_value,
@@ -37,6 +39,8 @@ _PATTERN_PROBLEMS = {
     NAME_PATTERN: "not a safe name: use lower-case letters, digits, - and _ (a letter first, at most 63)",
     ENV_NAME_PATTERN: "not an environment variable name: use letters, digits and _ (not a digit first)",
     PIPELINE_NAME_PATTERN: "not a safe name: use letters, digits, ., - and _ (at most 63)",
+    REMOTE_URL_PATTERN: "not an S3 URL: write s3://bucket/prefix/ (credentials come from the AWS environment)",
+    ENDPOINT_PATTERN: "not an http(s) URL without credentials, such as http://127.0.0.1:9000",
 }
 _EXPECTED = {  # pydantic's type errors -> what the value should have been
     "string_type": "a string",

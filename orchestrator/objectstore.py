@@ -48,6 +48,10 @@ class DigestMismatch(RemoteError):
         self.key = key
 
 
+class RemoteUnreachable(RemoteError):
+    """The server did not answer (connection refused or timed out): a transient fault, unlike a refusal."""
+
+
 class ObjectMissing(RemoteError):
     """The object does not exist (get_file); exists() and get_bytes() answer False and None instead."""
 
@@ -300,14 +304,29 @@ class ObjectStore:
 
     # -- many objects --------------------------------------------------------------------------------------
 
-    def put_many(self, items: Sequence[tuple[str, Path]], workers: int = TRANSFER_WORKERS) -> None:
+    def put_many(self, items: Sequence[tuple[str, Path]], workers: int = TRANSFER_WORKERS,
+                 on_file: Callable[[int], None] | None = None) -> None:
         """put_file for each (key, path), at most `workers` at once; the first error is raised after the others
-        have stopped (transfers not yet started are not begun)."""
-        bounded_map(lambda item: self.put_file(*item), items, workers)
+        have stopped (transfers not yet started are not begun). on_file(size) after each file sent."""
 
-    def get_many(self, items: Sequence[tuple[str, Path, str]], workers: int = TRANSFER_WORKERS) -> None:
-        """get_file for each (key, dest, expected_digest), at most `workers` at once; first error raised."""
-        bounded_map(lambda item: self.get_file(*item), items, workers)
+        def put(item: tuple[str, Path]) -> None:
+            self.put_file(*item)
+            if on_file is not None:
+                on_file(item[1].stat().st_size)
+
+        bounded_map(put, items, workers)
+
+    def get_many(self, items: Sequence[tuple[str, Path, str]], workers: int = TRANSFER_WORKERS,
+                 on_file: Callable[[int], None] | None = None) -> None:
+        """get_file for each (key, dest, expected_digest), at most `workers` at once; first error raised.
+        on_file(size) after each file received."""
+
+        def get(item: tuple[str, Path, str]) -> None:
+            self.get_file(*item)
+            if on_file is not None:
+                on_file(item[1].stat().st_size)
+
+        bounded_map(get, items, workers)
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -400,9 +419,11 @@ class ObjectStore:
             return RemoteError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
                                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
         if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-            return RemoteError(f"{where}: cannot reach {self.endpoint or 'S3'} (connection failed)")
+            return RemoteUnreachable(f"{where}: cannot reach {self.endpoint or 'S3'} (connection failed)")
         if isinstance(error, botocore.exceptions.ReadTimeoutError):
-            return RemoteError(f"{where}: {self.endpoint or 'S3'} did not answer in time")
+            return RemoteUnreachable(f"{where}: {self.endpoint or 'S3'} did not answer in time")
+        if isinstance(error, botocore.exceptions.ConnectionError):  # reset or closed mid-request
+            return RemoteUnreachable(f"{where}: the connection to {self.endpoint or 'S3'} failed")
         if not isinstance(error, botocore.exceptions.ClientError):
             return RemoteError(f"{where}: {action} failed ({type(error).__name__})")
         code = str(error.response.get("Error", {}).get("Code", ""))

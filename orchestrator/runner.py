@@ -15,8 +15,8 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from orchestrator.cache import Cache, Manifest
 from orchestrator.cachekey import Ingredients
 from orchestrator.decide import WORKDIR, Decision, History, decide
 from orchestrator.errors import PipeError
@@ -39,6 +39,9 @@ from orchestrator.metrics import MetricsError, check_gate, read_metrics
 from orchestrator.results import Artifact, StageResult, StageStatus
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
+
+if TYPE_CHECKING:  # cachestore brings objectstore, and so boto3, which a pipeline without a remote never loads
+    from orchestrator.cachestore import CacheStore
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class StageRunner:
         pipeline: Pipeline,
         run_id: str,
         state: StateDir,
-        cache: Cache,
+        cache: CacheStore,
         executor: Executor,
         reporter: Reporter,
         history: History,
@@ -109,7 +112,7 @@ class StageRunner:
         if decision.problem:
             self.reporter.emit(Notice(f"{name}: {decision.problem}; re-running"))
         if decision.manifest is not None:
-            return self._restore(name, decision.manifest, decision.ingredients, attempt)
+            return self._restore(name, decision, attempt)
         if attempt == 1:  # a retry is announced by StageRetrying, not as a new plan
             self.reporter.emit(StagePlanned(name, True, decision.reasons))
         return self._run(name, decision.ingredients, attempt, ", ".join(decision.reasons))
@@ -222,9 +225,13 @@ class StageRunner:
                          artifacts=artifacts_of(tree))
         return self._finish_outputs(name, result, out, tree)
 
-    def _restore(self, name: str, manifest: Manifest, ingredients: Ingredients, attempt: int) -> StageResult:
-        reason = f"cached from run {manifest.run_id}"
-        self.reporter.emit(StagePlanned(name, False, (reason,)))
+    def _restore(self, name: str, decision: Decision, attempt: int) -> StageResult:
+        """Restores a hit through the CacheStore; a remote hit's blobs are already local (decide fetched them),
+        so this is the local restore in every case, and the reason says where the entry came from."""
+        manifest, ingredients = decision.manifest, decision.ingredients
+        assert manifest is not None and ingredients is not None
+        reason = decision.reasons[0]
+        self.reporter.emit(StagePlanned(name, False, decision.reasons))
         out = self.state.outputs_dir(self.run_id, name)
         now = datetime.now(UTC)
         remove_outputs(out)

@@ -36,7 +36,10 @@ MIN_MEMORY = 6 * 1024**2  # the engine refuses a smaller memory cap
 # What the JSON Schema says of strings the loader parses (units.py): a first filter for editors, no more.
 MEMORY_PATTERN = r"^\s*\d+(\.\d+)?\s*([kmgtKMGT]([iI]?[bB])?|[bB])?\s*$"
 DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?\s*([mM][sS]|[sSmMhHdD])\s*)+)$"
-RELATIVE_PATH_PATTERN = r"^(?!\s*$)(?!/)(?!\.\.(/|$))"  # not blank, not absolute, not leaving by a leading ..
+RELATIVE_PATH_PATTERN = r"^(?!\s*$)(?!/)(?!\.\.(/|$))"
+# s3://bucket or s3://bucket/prefix/ (S3's bucket-name rules, a prefix of safe path segments)
+REMOTE_URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()-]+)*/?$"
+ENDPOINT_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#@]*)?$"  # no user:password@: credentials never go in the file  # not blank, not absolute, not leaving by a leading ..
 SCHEMA_ID = "https://github.com/pipe-orchestrator/pipe/schema/pipeline.json"
 StageName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
@@ -441,6 +444,15 @@ class Executor(_Model):
         return self
 
 
+class Remote(_Model):
+    """Where cache entries are shared: an S3-compatible bucket and prefix. No credentials: boto3's standard
+    chain (environment, shared credentials file, profile) alone supplies them, so the file cannot hold any."""
+
+    url: Annotated[str, Field(pattern=REMOTE_URL_PATTERN)]
+    endpoint: Annotated[str, Field(pattern=ENDPOINT_PATTERN)] | None = None  # any S3-compatible server
+    push: Literal["auto", "manual"] = "auto"  # auto: a run uploads its stages' entries when it ends
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a Pipeline came from: its file and the line of every dotted key."""
@@ -466,6 +478,7 @@ class Pipeline(_Model):
     serve: Serve | None = None
     notify: tuple[Notify, ...] = ()
     executor: Executor = Executor()
+    remote: Remote | None = None  # the shared cache (README: "The remote")
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
 
     def with_source(self, source: Source) -> Pipeline:

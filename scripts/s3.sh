@@ -49,7 +49,8 @@ if [ -f "$DIR/env" ] && answers; then
   exit 0
 fi
 
-if ! command -v radosgw >/dev/null || ! command -v ceph-osd >/dev/null || ! command -v ceph-mon >/dev/null; then
+if ! command -v radosgw >/dev/null || ! command -v ceph-osd >/dev/null || ! command -v ceph-mon >/dev/null \
+   || ! command -v curl >/dev/null; then
   log "installing Debian's Ceph packages"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends ceph-mon ceph-osd radosgw ceph-common curl \

@@ -281,9 +281,9 @@ def test_push_then_fetch_into_an_empty_cache_restores_identical_outputs(s3: S3Bu
     got, transfer = fetched
     assert got == manifest and transfer.files == 4  # run.sh's content twice locally: blobs/…/<d> and <d>.x
     assert second.lookup(manifest.key).manifest is None  # fetch_entry placed blobs only; the caller files it
-    entry_file = second.root / "entries" / manifest.key[:2] / f"{manifest.key}.json"
-    entry_file.parent.mkdir(parents=True)
-    entry_file.write_text(got.to_json())  # what the lead's CacheStore will do (cache.py has no call for it yet)
+    assert len(transfer.paths) == 4
+    filed = second.adopt(got, frozenset(transfer.paths))  # seals the verified blobs, then files the manifest
+    assert filed == manifest  # sealed like the original: every blob carries its tag
     assert second.lookup(manifest.key).manifest == manifest  # every local blob is where lookup looks
     restored = tmp_path / "b" / "restored"
     second.restore(got, restored)

@@ -10,14 +10,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 LAYER = {
     "errors": 0, "units": 0,
     "spec": 1, "executor": 1, "results": 1, "events": 1, "hashing": 1, "store.records": 1, "metrics": 1, "hostfiles": 1,
+    "logstore": 1,
     "fsops": 1,
     "yamlfile": 2, "loader": 2, "overrides": 2, "plan": 2, "cron": 2, "cachekey": 2, "cache": 2, "state": 2,
-    "imageplan": 2, "prune": 2, "objectstore": 2, "remote": 2,
+    "imageplan": 2, "prune": 2, "objectstore": 2, "remote": 2, "cachestore": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "crontab": 3, "runner": 3, "decide": 3,
     "recorder": 3, "backend": 3, "handoff": 3, "swarm_executor": 3, "swarm_backend": 3, "kube_executor": 3, "kube_spec": 1, "notify": 3, "serve_docker": 3, "serve_proxy": 1,
     "compare": 2, "plots": 2, "report": 3,
-    "api": 4, "serving": 4, "serve_api": 4, "explore": 4,
+    "api": 4, "sharing": 4, "serving": 4, "serve_api": 4, "explore": 4,
     "console": 5, "cli": 5, "webpages": 5, "webui": 5, "__main__": 6,
 }
 LIBRARIES = {

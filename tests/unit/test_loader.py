@@ -1152,3 +1152,34 @@ def test_a_whole_float_is_a_whole_number_for_both(make_pipeline: MakePipeline) -
     path = make_pipeline("stages:\n  data: {image: busybox, retries: 2.0, resources: {cpus: 1}}\n")
     assert load_pipeline(path).stages["data"].retries == 2
     assert_schema_agrees(path)
+
+
+def test_remote_block_is_read_with_its_defaults(make_pipeline: MakePipeline) -> None:
+    path = make_pipeline(text("""
+        stages:
+          data: {image: busybox}
+        remote:
+          url: s3://my-bucket/team/pipe/
+        """))
+    remote = load_pipeline(path).remote
+    assert remote is not None and (remote.url, remote.endpoint, remote.push) == ("s3://my-bucket/team/pipe/", None,
+                                                                                  "auto")
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    ("url: s3://my-bucket/p/\n  secret_access_key: abc",
+     "5: remote.secret_access_key: unknown key (known: url, endpoint, push)"),
+    ("url: https://bucket/p/",
+     "4: remote.url: not an S3 URL: write s3://bucket/prefix/ (credentials come from the AWS environment)"),
+    ("url: s3://my-bucket/\n  endpoint: http://key:secret@127.0.0.1:9000",
+     "5: remote.endpoint: not an http(s) URL without credentials, such as http://127.0.0.1:9000"),
+    ("url: s3://my-bucket/\n  push: always", "5: remote.push: expected 'auto' or 'manual', got the string 'always'"),
+])
+def test_remote_block_refuses_credentials_and_bad_urls(make_pipeline: MakePipeline, block: str, expected: str
+                                                       ) -> None:
+    source = "stages:\n  data: {image: busybox}\nremote:\n  " + block + "\n"
+    path = make_pipeline(source)
+    with pytest.raises(SpecError) as info:
+        load_pipeline(path)
+    assert str(info.value).removeprefix(f"{path}:") == expected
+    assert_schema_agrees(path)
