@@ -34,6 +34,7 @@ from orchestrator.executor import (
     ExecResult,
     Outcome,
     OutputSink,
+    starter_alive,
 )
 from orchestrator.hostfiles import CappedLog, parse_owner, redact, redactions, remove_secrets, secrets_dir
 from orchestrator.units import format_bytes, format_duration
@@ -407,7 +408,7 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
             run_id = str(labels.get(LABEL_RUN, ""))
             if run_id not in alive:
                 known = is_alive(run_id)
-                alive[run_id] = _starter_alive(labels) if known is None else known
+                alive[run_id] = starter_alive(labels.get(LABEL_HOST), labels.get(LABEL_PID)) if known is None else known
             if not alive[run_id]:
                 with suppress(docker.errors.APIError):  # gone, or removal in progress
                     client.api.remove_container(row["Id"], force=True)
@@ -420,23 +421,6 @@ def sweep_orphans(client: docker.DockerClient, owner: str, is_alive: Callable[[s
     except ENGINE_FAULTS as e:
         raise unreachable(e) from e
     return sorted(dead)
-
-
-def _starter_alive(labels: Mapping[str, str]) -> bool:
-    """Whether the pipe process named by a container's LABEL_HOST and LABEL_PID may still be running."""
-    try:
-        pid = int(labels.get(LABEL_PID, ""))
-    except ValueError:
-        return False  # no pid: not started by a pipe that records one
-    if labels.get(LABEL_HOST) != os.uname().nodename:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def kill_process_containers(pid: int, base_url: str | None = None) -> int:

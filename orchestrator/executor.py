@@ -6,6 +6,7 @@ depend only on this module.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -101,3 +102,24 @@ class Executor(Protocol):
     def stop_all(self) -> None:
         """Stop every container this executor is running (from a signal handler's thread); idempotent."""
         ...
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def starter_alive(host: str | None, pid: str | None) -> bool:
+    """Whether the pipe process a container's (or Job's) host and pid labels name may still be running: not when
+    it names no pid, or this host and a pid that no longer exists; another host's is taken as alive."""
+    try:
+        number = int(pid or "")
+    except ValueError:
+        return False  # no pid: not started by a pipe that records one
+    return host != os.uname().nodename or pid_exists(number)

@@ -9,7 +9,6 @@ Only stable APIs: batch/v1 Job, core/v1 Pod, Secret, Event and pod logs.
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import tarfile
 import tempfile
@@ -39,6 +38,7 @@ from orchestrator.executor import (
     ExecResult,
     Outcome,
     OutputSink,
+    starter_alive,
 )
 from orchestrator.hostfiles import CappedLog, redact, redactions
 from orchestrator.kube_spec import FETCH, MAIN, UPLOAD, Handoff, Placement, PodView
@@ -350,29 +350,13 @@ def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callabl
             run_id = str(notes.get(ANNOTATION_RUN) or (obj.metadata.labels or {}).get(LABEL_RUN, ""))
             if run_id not in alive:
                 known = is_alive(run_id)
-                alive[run_id] = _starter_alive(notes) if known is None else known
+                alive[run_id] = starter_alive(notes.get(ANNOTATION_HOST), notes.get(ANNOTATION_PID)) if known is None else known
             if not alive[run_id]:
                 delete_objects(batch, core, namespace, obj.metadata.name)
                 dead.add(run_id)
     except API_FAULTS as e:
         raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
     return sorted(dead)
-
-
-def _starter_alive(notes: Mapping[str, str]) -> bool:
-    try:
-        pid = int(notes.get(ANNOTATION_PID, ""))
-    except ValueError:
-        return False
-    if notes.get(ANNOTATION_HOST) != os.uname().nodename:
-        return True  # another host's pipe may still run it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def capacity(api: k8s.ApiClient) -> tuple[float, int]:

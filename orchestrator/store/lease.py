@@ -20,6 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from orchestrator.executor import pid_exists
+
 HEARTBEAT_S = 10.0  # how often a running run renews its lease
 LEASE_S = 60.0  # how long a renewal holds: a run not renewed for this long is dead, wherever it ran
 STOP_WAIT_S = 30.0  # how long stop() waits for a renewal under way (the store refuses it after the run ended)
@@ -53,16 +55,6 @@ def _machine(identity: str) -> str:
     return identity.rpartition("/")[0]
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 @dataclass(frozen=True)
 class Owner:
     """What a run's row says of its owner and lease."""
@@ -82,7 +74,7 @@ def gone(owner: Owner, now: datetime, host: str | None = None) -> str | None:
     if owner.host != (host or this_host()):
         return None  # another machine: only its lease can tell
     if owner.process is None:
-        return None if _pid_exists(owner.pid) else f"its process {owner.pid} on {owner.host} has ended"
+        return None if pid_exists(owner.pid) else f"its process {owner.pid} on {owner.host} has ended"
     mine = process_identity(os.getpid())
     if mine is None or _machine(mine) != _machine(owner.process):
         return None  # rebooted since, or another pid namespace (a container) with this host name: the lease tells
