@@ -133,7 +133,9 @@ def test_printing_a_lot_keeps_pipe_small_and_caps_the_stored_log(
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     peak_mib = usage.ru_maxrss / 1024  # kilobytes on Linux
-    assert peak_mib < 200, f"pipe peaked at {peak_mib:.0f} MiB while stages printed 400 MiB"
+    # holding the output would take over 400 MiB; alone this peaks under 200 MiB, but inside the whole suite
+    # (a swarm, a kubernetes cluster and radosgw running beside it) 282 MiB was seen: issue 20's note tracks it
+    assert peak_mib < 320, f"pipe peaked at {peak_mib:.0f} MiB while stages printed 400 MiB"
     for name, row in stage_rows(path).items():
         log = Path(row["log_path"]).read_bytes()
         assert log.endswith(b"\n[pipe: log truncated after 10 MiB]\n"), name
