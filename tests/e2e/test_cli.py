@@ -76,28 +76,8 @@ def test_run_off_a_terminal_prints_plain_timestamped_lines(docker: Any, make_pip
 
 def test_run_on_a_terminal_shows_a_live_view(docker: Any, make_pipeline: Callable[..., Path]) -> None:
     path = make_pipeline({"stages": {"a": {"image": BUSYBOX, "command": "echo hello"}}})
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(path)], stdin=follower, stdout=follower, stderr=follower,
-        env={**os.environ, "COLUMNS": "120", "TERM": "xterm-256color"},
-    )
-    os.close(follower)
-    screen = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            screen += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(leader)
-    assert proc.wait(timeout=30) == 0
+    code, screen = terminal_screen("run", path, columns=120)
+    assert code == 0
     assert ANSI.search(screen), "a terminal gets the rich live view"
     assert b"succeeded" in screen
 
@@ -184,12 +164,12 @@ def test_the_state_folder_keeps_itself_out_of_git(make_pipeline: Callable[..., P
     assert (path.parent / "runs" / ".gitignore").read_text().splitlines()[-1] == "*"
 
 
-def run_on_a_terminal(*args: str | Path, timeout: float = 120) -> tuple[int, str]:
-    """`pipe ARGS` on a pseudo-terminal: its exit code and what the screen received, control codes removed."""
+def terminal_screen(*args: str | Path, timeout: float = 120, columns: int = 200) -> tuple[int, bytes]:
+    """`pipe ARGS` on a pseudo-terminal: its exit code and the bytes the screen received."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *map(str, args)], stdin=follower, stdout=follower, stderr=follower,
-        env={**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"},
+        env={**os.environ, "COLUMNS": str(columns), "TERM": "xterm-256color"},
     )
     os.close(follower)
     screen = b""
@@ -207,7 +187,13 @@ def run_on_a_terminal(*args: str | Path, timeout: float = 120) -> tuple[int, str
         elif proc.poll() is not None:
             break
     os.close(leader)
-    return proc.wait(timeout=30), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    return proc.wait(timeout=30), screen
+
+
+def run_on_a_terminal(*args: str | Path, timeout: float = 120) -> tuple[int, str]:
+    """`pipe ARGS` on a pseudo-terminal: its exit code and what the screen received, control codes removed."""
+    code, screen = terminal_screen(*args, timeout=timeout)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
 
 
 FAILING = {"image": BUSYBOX, "command": "for i in $(seq 1 30); do echo line $i; done; echo '[[gpu]] [bold]x[/]'; exit 1"}
