@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator.events import Event
+from orchestrator.events import BuildEvents
 from orchestrator.executor import Executor
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
@@ -18,7 +18,6 @@ from orchestrator.spec import KubePlacement, Pipeline
 if TYPE_CHECKING:
     from orchestrator.kube_spec import Placement
 
-BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 
 
 class Backend(Protocol):

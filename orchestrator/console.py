@@ -374,12 +374,13 @@ def print_summary(summary: RunSummary) -> None:
 
 
 def print_stages(stages: tuple[StageRunInfo, ...], title: str) -> None:
-    table = _table("stage", "status", "time", "peak mem", "cpu", "exit", "reason")
+    table = _table("stage", "status", "time", "peak mem", "cpu", "exit", "ran on", "reason")
     for s in stages:
         table.add_row(
             s.stage, Text(_status(s), style=STYLE.get(_status(s), "")), _dur(s.duration_s),
             format_bytes(s.peak_memory_bytes) if s.peak_memory_bytes else "",
-            _dur(s.cpu_seconds), "" if s.exit_code is None else str(s.exit_code), Text(s.reason or ""),
+            _dur(s.cpu_seconds), "" if s.exit_code is None else str(s.exit_code),
+            Text(f"{s.executor} on {s.node or '?'}" if s.executor else ""), Text(s.reason or ""),
         )
     console = _out()
     console.print(Text(title, style="bold"))

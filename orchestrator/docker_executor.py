@@ -11,6 +11,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from orchestrator.executor import (
     ExecResult,
     Outcome,
     OutputSink,
+    RanOn,
     starter_alive,
 )
 from orchestrator.hostfiles import CappedLog, parse_owner, redact, redactions, remove_secrets, secrets_dir
@@ -182,6 +184,7 @@ class DockerExecutor:
         self._running: dict[str, Container] = {}
         self._cancelled: set[str] = set()
         self._stop_requests = 0
+        self._node: str | None = None
 
     def run(self, spec: ContainerSpec, on_output: OutputSink) -> ExecResult:
         started_at = _now()
@@ -199,12 +202,20 @@ class DockerExecutor:
                 raise unreachable(e) from e
             cid = str(container.id)
             try:
-                return self._supervise(container, cid, spec, on_output)
+                result = self._supervise(container, cid, spec, on_output)
+                return replace(result, ran_on=RanOn("local", self._node_name(), cid))
             finally:
                 with self._lock:
                     self._running.pop(cid, None)
                     self._cancelled.discard(cid)
                 _remove(container)
+
+    def _node_name(self) -> str | None:
+        """The engine's host name (`docker info` Name), asked once: the engine may be remote (DOCKER_HOST)."""
+        if self._node is None:
+            with suppress(*ENGINE_FAULTS):
+                self._node = str(self._client.info().get("Name") or "")
+        return self._node or None
 
     def stop_all(self) -> None:
         """Stop every running container of this executor (SIGTERM, SIGKILL after STOP_GRACE_S), without waiting.

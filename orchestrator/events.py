@@ -5,6 +5,7 @@ The scheduler and api emit these; console.py implements Reporter. Nothing here p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,6 +117,7 @@ class BuildFinished:
 
 Event = (RunStarted | StagePlanned | StageStarted | StageRunning | StageOutput | StageRetrying | StageFinished
          | RunFinished | Notice | BuildStarted | BuildProgress | BuildFinished | Pushed)
+BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 
 
 class Reporter(Protocol):

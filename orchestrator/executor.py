@@ -75,6 +75,16 @@ DISK_FULL = "no space left on device (ENOSPC)"  # the end of a disk-full stage's
 
 
 @dataclass(frozen=True)
+class RanOn:
+    """Where an attempt ran, for history: the executor kind, the node, and the engine's id of the attempt
+    (the container on one engine, the task on a swarm, the Job on Kubernetes)."""
+
+    executor: str
+    node: str | None = None
+    task_id: str | None = None
+
+
+@dataclass(frozen=True)
 class ExecResult:
     outcome: Outcome
     exit_code: int | None
@@ -84,6 +94,7 @@ class ExecResult:
     peak_memory_bytes: int | None = None
     cpu_seconds: float | None = None
     disk_full: bool = False  # it failed because a disk filled up (its outputs are then removed)
+    ran_on: RanOn | None = None  # None when no attempt reached a node (cancelled before, refused)
 
     @property
     def duration_s(self) -> float:

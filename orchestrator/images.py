@@ -20,13 +20,12 @@ import docker.errors
 
 from orchestrator.docker_executor import ENGINE_FAULTS, unreachable
 from orchestrator.errors import ImageError
-from orchestrator.events import BuildFinished, BuildProgress, BuildStarted, Event, Notice
+from orchestrator.events import BuildEvents, BuildFinished, BuildProgress, BuildStarted, Notice
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast, ImageMemo, context_hash, forecast
 from orchestrator.spec import Build, Pipeline
 
-BuildEvents = Callable[[Event], None]  # a Reporter's emit: BuildStarted, BuildProgress, BuildFinished, Notice
 T = TypeVar("T")
 EDITED_DURING_BUILD = "its context changed during the build: the image is used by this run only, not remembered"
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")

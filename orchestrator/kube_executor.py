@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from orchestrator.executor import (
     ExecResult,
     Outcome,
     OutputSink,
+    RanOn,
     starter_alive,
 )
 from orchestrator.hostfiles import CappedLog, redact, redactions
@@ -133,7 +134,8 @@ class KubernetesExecutor:
             try:
                 self._core.create_namespaced_secret(self.namespace, secret)
                 self._batch.create_namespaced_job(self.namespace, job)
-                return self._supervise(name, spec, handoff, on_output)
+                result = self._supervise(name, spec, handoff, on_output)
+                return replace(result, ran_on=RanOn("kubernetes", self._node_of(name), name))
             finally:
                 with self._lock:
                     self._running.discard(name)
@@ -255,6 +257,13 @@ class KubernetesExecutor:
                 with tarfile.open(archive) as tar:
                     tar.extractall(mount.source, filter="data")  # no absolute paths, links out or devices
         return ""
+
+    def _node_of(self, job: str) -> str | None:
+        """The node the Job's pod was bound to (None if it never was, or the API cannot say)."""
+        with suppress(*API_FAULTS):
+            for pod in self._core.list_namespaced_pod(self.namespace, label_selector=f"job-name={job}").items:
+                return str(pod.spec.node_name) if pod.spec and pod.spec.node_name else None
+        return None
 
     def _look(self, name: str) -> tuple[str | None, str, PodView | None]:
         """The Job's failure reason (or None), its pod's name ("" if none yet) and the pod's status."""

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from orchestrator.errors import ExitCode
-from orchestrator.executor import Outcome
+from orchestrator.executor import Outcome, RanOn
 
 
 class StageStatus(StrEnum):
@@ -60,6 +60,7 @@ class StageResult:
     ingredients_json: str | None = None  # what its cache key was made of, to explain the next miss
     gate_passed: bool | None = None  # None: no gate, or no metrics to judge, or --no-gate
     warnings: tuple[str, ...] = ()  # e.g. an input changed while the stage ran (then its outputs are not cached)
+    ran_on: RanOn | None = None  # where its last attempt ran; None when none ran (cached, skipped)
 
     @property
     def duration_s(self) -> float | None:

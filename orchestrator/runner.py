@@ -140,6 +140,7 @@ class StageRunner:
             finished_at=result.finished_at,
             peak_memory_bytes=result.peak_memory_bytes,
             cpu_seconds=result.cpu_seconds,
+            ran_on=result.ran_on,
             log_path=str(spec.log_path),
             outputs_path=str(out),
             ingredients_json=ingredients.to_json(),

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +52,7 @@ from orchestrator.executor import (
     ExecResult,
     Outcome,
     OutputSink,
+    RanOn,
 )
 from orchestrator.hostfiles import CappedLog, redact, redactions
 from orchestrator.objectstore import ObjectStore, bounded_map
@@ -273,12 +274,19 @@ class SwarmExecutor:
             tail = self._logs(service_id, spec, on_output)
         finally:
             self._remove_service(service_id)
+        ran_on = RanOn("swarm", self._hostname(node_id), str(task.get("ID") or "") or None)
         if why and why not in ("deadline", "cancelled"):
-            return _result(Outcome.ERROR, None, why, started_at)
+            return replace(_result(Outcome.ERROR, None, why, started_at), ran_on=ran_on)
         outcome, exit_code, reason = classify_task(task, memory_bytes=spec.memory_bytes, timed_out=timed_out,
                                                    cancelled=cancelled, timeout_s=spec.timeout_s, tail=tail)
-        return _result(outcome, exit_code, reason, started_at,
-                       disk_full=outcome is Outcome.FAILED and filled_disk(tail))
+        return replace(_result(outcome, exit_code, reason, started_at,
+                               disk_full=outcome is Outcome.FAILED and filled_disk(tail)), ran_on=ran_on)
+
+    def _hostname(self, node_id: str) -> str | None:
+        """The node's host name as the swarm knows it (None if the manager cannot say)."""
+        with suppress(*ENGINE_FAULTS):
+            return str((self._api.inspect_node(node_id).get("Description") or {}).get("Hostname") or node_id)
+        return node_id or None
 
     def _agent(self, name: str, script: str, labels: dict[str, str], secret: SecretReference,
                constraints: list[str], reserve: ContainerSpec | None = None,

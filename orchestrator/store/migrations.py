@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _frozen = MetaData()
 
@@ -160,6 +160,14 @@ _serve_event = Table(
 )
 
 
+# --- v6: where each stage ran (issue 16): the executor kind, the node, and the engine's id of the attempt ------
+_placement_columns = (
+    Column("executor", String(16)),
+    Column("node", String(255)),
+    Column("task_id", String(128)),
+)
+
+
 def _to_v1(conn: Connection) -> None:
     _frozen.create_all(conn, tables=[_schema_version, _run, _stage_run, _artifact, _metric, _file_hash])
 
@@ -191,7 +199,13 @@ def _to_v5(conn: Connection) -> None:
     _serve_event.create(conn)
 
 
-STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
+def _to_v6(conn: Connection) -> None:
+    for column in _placement_columns:
+        conn.execute(text(f"ALTER TABLE stage_run ADD COLUMN {column.name} "
+                          f"{column.type.compile(dialect=conn.dialect)}"))
+
+
+STEPS: dict[int, Callable[[Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6}
 assert sorted(STEPS) == list(range(1, SCHEMA_VERSION + 1)), "one migration step per schema version"
 
 

@@ -133,6 +133,9 @@ class StageRunRow(Base):
     ingredients_json: Mapped[str | None] = mapped_column(Text)
     gate_passed: Mapped[bool | None]  # added in schema v2
     warnings: Mapped[list[str] | None] = mapped_column(JSON)  # added in schema v4
+    executor: Mapped[str | None] = mapped_column(String(16))  # added in schema v6: local | swarm | kubernetes
+    node: Mapped[str | None] = mapped_column(String(255))  # v6: the node's name as its engine gives it
+    task_id: Mapped[str | None] = mapped_column(String(128))  # v6: container, swarm task or Job of the attempt
 
     run: Mapped[RunRow] = relationship(back_populates="stages")
     artifacts: Mapped[list[ArtifactRow]] = relationship(

@@ -54,6 +54,9 @@ class StageRunInfo:
     metrics: dict[str, float]
     gate_passed: bool | None  # None: the stage has no gate, or it was not checked (--no-gate)
     warnings: tuple[str, ...] = ()  # e.g. an input changed while the stage ran
+    executor: str | None = None  # where its last attempt ran: local | swarm | kubernetes (None: none ran)
+    node: str | None = None
+    task_id: str | None = None  # the container, swarm task or Job of that attempt
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +84,9 @@ class StageRunInfo:
             "metrics": dict(sorted(self.metrics.items())),
             "gate_passed": self.gate_passed,
             "warnings": list(self.warnings),
+            "executor": self.executor,
+            "node": self.node,
+            "task_id": self.task_id,
         }
 
 

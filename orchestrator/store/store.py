@@ -165,6 +165,9 @@ class Store:
             row.user, row.hermetic, row.ingredients_json = user, hermetic, ingredients_json
             row.gate_passed = gate_passed
             row.warnings = list(result.warnings) or None
+            where = result.ran_on
+            row.executor, row.node, row.task_id = (where.executor, where.node, where.task_id) if where else \
+                (None, None, None)
             row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
             row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
 
@@ -538,7 +541,7 @@ def _stage_info(row: StageRunRow) -> StageRunInfo:
         ingredients_json=row.ingredients_json,
         artifacts=tuple(Artifact(path=a.path, size=a.size, digest=a.digest) for a in row.artifacts),
         metrics={m.name: m.value for m in row.metrics}, gate_passed=row.gate_passed,
-        warnings=tuple(row.warnings or ()))
+        warnings=tuple(row.warnings or ()), executor=row.executor, node=row.node, task_id=row.task_id)
 
 
 def _serve_event_info(row: ServeEventRow) -> ServeEventInfo:

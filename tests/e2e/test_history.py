@@ -291,7 +291,7 @@ def test_two_pipelines_share_one_database_at_the_same_time(
     assert not (one.parent / "runs" / "pipe.db").exists(), "--db replaces the default database"
 
 
-def test_peak_memory_and_cpu_seconds_are_recorded(docker: Any, make_pipeline: Callable[..., Path]) -> None:
+def test_peak_memory_cpu_seconds_and_where_it_ran_are_recorded(docker: Any, make_pipeline: Callable[..., Path]) -> None:
     busy = "end=$(( $(date +%s) + 3 )); while [ $(date +%s) -lt $end ]; do :; done; echo spun"
     path = make_pipeline({"stages": {"spin": {"image": BUSYBOX, "command": busy}}})
     run_json(path)
@@ -299,6 +299,11 @@ def test_peak_memory_and_cpu_seconds_are_recorded(docker: Any, make_pipeline: Ca
     assert stage["status"] == "succeeded"
     assert stage["peak_memory_bytes"] is not None and stage["peak_memory_bytes"] > 0, stage
     assert stage["cpu_seconds"] is not None and stage["cpu_seconds"] > 0, stage
+    # where it ran: this engine, by the name it gives itself, and the container that ran it
+    assert (stage["executor"], stage["node"]) == ("local", docker.info()["Name"]), stage
+    assert stage["task_id"] and len(stage["task_id"]) == 64, stage
+    show = pipe("show", "latest", path)
+    assert f"local on {stage['node']}" in show.stdout, show.stdout
 
 
 def _shared_db(backend: str, tmp_path: Path) -> str:

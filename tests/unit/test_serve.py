@@ -75,7 +75,7 @@ def test_serve_model_must_name_a_stage(make_pipeline: MakePipeline) -> None:
 # -- schema v5 --------------------------------------------------------------------------------------------------
 
 
-def test_v4_database_upgrades_to_v5_and_keeps_its_runs(tmp_path: Path) -> None:
+def test_v4_database_upgrades_to_the_current_schema_and_keeps_its_runs(tmp_path: Path) -> None:
     path = tmp_path / "pipe.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:  # a database exactly as a v4 pipe left it, with one run
@@ -92,7 +92,7 @@ def test_v4_database_upgrades_to_v5_and_keeps_its_runs(tmp_path: Path) -> None:
     assert [(e.event, e.run_id, e.digest) for e in events] == [("promoted", None, "d2"),
                                                                ("promoted", "20261101-030000-1a2b", "d1")]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(migrations.SCHEMA_VERSION,)]
 
 
 def _event(event: str, run_id: str, ok: bool = True) -> ServeEventInfo:

@@ -21,7 +21,9 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from orchestrator.errors import NotFound, StoreError
+from orchestrator.executor import RanOn
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
+from orchestrator.store import migrations
 from orchestrator.store.lease import Heartbeat, Owner, gone, process_identity, this_host
 from orchestrator.store.migrations import SCHEMA_VERSION
 from orchestrator.store.models import Base
@@ -83,7 +85,7 @@ def test_run_round_trips_with_stages_artifacts_and_metrics(store: Store) -> None
         "train", exit_code=0, attempts=2, cache_key="k-train", image_id="sha256:bb", peak_memory_bytes=2**33,
         cpu_seconds=88.5, outputs_path="runs/x/train", outputs_digest="d-out",
         artifacts=(Artifact("model.joblib", 1024, "d-model"), Artifact("card.json", 10, "d-card")),
-        metrics={"r2": 0.46, "mae": 12.5}), ingredients_json='{"params": {"n": 300}}', user="1000:1000",
+        metrics={"r2": 0.46, "mae": 12.5}, ran_on=RanOn("swarm", "n2", "task-7")), ingredients_json='{"params": {"n": 300}}', user="1000:1000",
         hermetic=False, gate_passed=True)
     store.record_stage(run_id, result("predict", StageStatus.SKIPPED, reason="upstream evaluate failed",
                                       started_at=None, finished_at=None))
@@ -102,13 +104,16 @@ def test_run_round_trips_with_stages_artifacts_and_metrics(store: Store) -> None
     assert (train.user, train.hermetic, train.gate_passed) == ("1000:1000", False, True)
     assert set(train.artifacts) == {Artifact("model.joblib", 1024, "d-model"), Artifact("card.json", 10, "d-card")}
     assert train.metrics == {"r2": 0.46, "mae": 12.5}
+    assert (train.executor, train.node, train.task_id) == ("swarm", "n2", "task-7")
     predict = run.stage("predict")
     assert predict is not None and predict.status is StageStatus.SKIPPED and predict.duration_s is None
+    assert (predict.executor, predict.node, predict.task_id) == (None, None, None)  # nothing ran
 
     as_json = run.to_json()
     assert as_json["status"] == "failed" and as_json["started_at"].endswith("Z")
     assert as_json["stages"][0]["ingredients"] == {"params": {"n": 300}}
     assert as_json["stages"][0]["finished_at"] == "2026-11-21T23:01:30.000Z"
+    assert (as_json["stages"][0]["executor"], as_json["stages"][0]["node"]) == ("swarm", "n2")
 
 
 def test_record_stage_replaces_an_earlier_attempt(store: Store) -> None:
@@ -360,6 +365,26 @@ def test_schema_v1_database_opens_and_keeps_its_rows(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh.db"
     Store(sqlite_url(fresh)).close()
     assert _columns_and_indexes(sqlite_url(path)) == _columns_and_indexes(sqlite_url(fresh))
+
+
+def test_v5_database_upgrades_to_v6_and_its_stages_say_nothing_of_where_they_ran(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.db"
+    engine = create_engine(sqlite_url(path))
+    with engine.begin() as conn:  # a database exactly as a v5 pipe left it, with one run of one stage
+        migrations.upgrade(conn, 0, 5)
+        conn.execute(text("INSERT INTO run (id, pipeline, pipeline_path, pipeline_hash, trigger, status, started_at,"
+                          " host, pid, params_override) VALUES ('20261101-030000-1a2b', 'iris', '/p', 'h', 'manual',"
+                          " 'succeeded', '2026-11-01 03:00:00', 'h1', 1, '{}')"))
+        conn.execute(text("INSERT INTO stage_run (run_id, stage, status, reason, attempts, infra_error, hermetic)"
+                          " VALUES ('20261101-030000-1a2b', 'train', 'succeeded', '', 1, 0, 1)"))
+    engine.dispose()
+    with Store(sqlite_url(path)) as store:
+        train = store.get_run("latest", "iris").stage("train")
+        assert train is not None and (train.executor, train.node, train.task_id) == (None, None, None)
+        run_id = begin(store)
+        store.record_stage(run_id, result("train", ran_on=RanOn("kubernetes", "node-a", "pipe-train-1")))
+        again = store.get_run(run_id, "iris").stage("train")
+    assert again is not None and (again.executor, again.node, again.task_id) == ("kubernetes", "node-a", "pipe-train-1")
 
 
 def test_newer_schema_is_refused_naming_both_versions(tmp_path: Path) -> None:
