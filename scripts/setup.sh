@@ -13,4 +13,7 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then  # the web UI's browser tests
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+if ! command -v wrk >/dev/null; then  # bench/serve_bench.py's load generator (and its smoke test)
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
