@@ -288,6 +288,19 @@ def current_run(events: list[ServeEventInfo]) -> str | None:
     return next((e.run_id for e in events if e.event in SERVED_EVENTS and e.ok and e.run_id), None)
 
 
+def held_runs(events: list[ServeEventInfo], routing: Routing) -> dict[str, str]:
+    """The runs whose model folders serving needs (run id -> why), so `pipe gc` keeps them: the served one, the
+    one rollback goes back to, and the one the proxy routes to (the same run unless a killed pipe left it)."""
+    held: dict[str, str] = {}
+    if routing.run_id:
+        held[routing.run_id] = "the serving proxy routes to it"
+    if (served := current_run(events)) is not None:
+        held[served] = "it is the served model"
+    if (back := previous_run(events)) is not None:
+        held.setdefault(back, "`pipe serve rollback` goes back to it")
+    return held
+
+
 def previous_run(events: list[ServeEventInfo]) -> str | None:
     """The run served before the current one: what `pipe serve rollback` goes back to."""
     served = [e.run_id for e in events if e.event in SERVED_EVENTS and e.ok and e.run_id]
