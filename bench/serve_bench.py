@@ -75,12 +75,13 @@ class Row:
     load: Load
     against: Row | None = None
     note: str = ""
+    short: str = ""  # how a row that is against this one names it
 
     def cells(self) -> list[str]:
         base = self.against.load if self.against else None
         ratio = (lambda a, b: f"{a / b:.2f}" if b else "-")
         return [self.measure, f"{self.load.rps:.0f}", _ms(self.load.p50_s), _ms(self.load.p99_s),
-                str(self.load.failed), self.against.measure.split(":")[0] if self.against else "-",
+                str(self.load.failed), (self.against.short or self.against.measure) if self.against else "-",
                 ratio(self.load.rps, base.rps) if base else "-", ratio(self.load.p50_s, base.p50_s) if base else "-",
                 ratio(self.load.p99_s, base.p99_s) if base else "-", self.note]
 
@@ -210,10 +211,10 @@ def measure(served: Served, rounds: int, seconds: float, swap_seconds: float, co
         direct.append(wrk(served.direct(), seconds, connections))
         bridge.append(wrk(served.bridge(), seconds, connections))
         published.append(wrk(served.published(), seconds, connections))
-    floor = Row("direct: the replica at its internal address", Load.median(direct))
-    rows = [floor,
-            Row("proxy (bridge): pipe's nginx at its bridge address", Load.median(bridge), floor),
-            Row(f"proxy (published): {served.published()}, as users call it", Load.median(published), floor)]
+    floor = Row("direct: the replica at its internal address", Load.median(direct), short="direct")
+    public = Row(f"proxy (published): {served.published()}, as users call it", Load.median(published), floor,
+                 short="proxy (published)")
+    rows = [floor, Row("proxy (bridge): pipe's nginx at its bridge address", Load.median(bridge), floor), public]
     swaps = 0
     for close in (False, True):
         calm: list[Load] = []
@@ -228,7 +229,8 @@ def measure(served: Served, rounds: int, seconds: float, swap_seconds: float, co
             took.append(promote_s)
             outside += not inside
         clients = "`Connection: close` clients" if close else "keep-alive clients"
-        quiet = Row(f"no swap, {clients}: published port, {swap_seconds:g} s windows", Load.median(calm), floor)
+        quiet = Row(f"no swap, {clients}: published port, {swap_seconds:g} s windows", Load.median(calm), public,
+                    short=f"no swap, {'close' if close else 'keep-alive'}")
         note = (f"{rounds} swap(s), `pipe promote` took {statistics.median(took):.2f} s (median)"
                 + (f"; {outside} ran past the window" if outside else ""))
         rows += [quiet, Row(f"during a swap, {clients}: the same window, `pipe promote` 1 s in",

@@ -703,8 +703,9 @@ class GcResult:
 def gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool, runs: bool = True,
        images: bool = True, docker_url: str | None = None) -> GcResult:
     """`pipe gc`: removes the folders of the runs the policy does not keep (prune.plan_runs; never the latest
-    successful run nor a running one, nor the served model or the run rollback goes back to), the cache entries no kept run uses, and the images pipe built that no
-    kept run, kept entry or `image:` stage uses. Holds the pipeline's lock throughout."""
+    successful run nor a running one, nor the served model or the run rollback goes back to), the cache entries
+    no kept run uses, and the images pipe built that no kept run, kept entry or `image:` stage uses. Holds the
+    pipeline's lock throughout."""
     from orchestrator import prune
     from orchestrator.cache import Cache
     from orchestrator.fsops import Freed

@@ -5,8 +5,9 @@ nothing of Docker (images.py removes images) or of manifests (cache.py collects 
 A run keeps its folder when it is among the newest `keep_runs`, started in the last `keep_days`, is running, or
 is the latest run that succeeded (whatever the policy: it is what the next `pipe run --stage` and the cache build
 on), or is held for a reason given (the served model and the one rollback goes back to: its folder is the
-replicas' /model, and `pipe serve rollback` and `serve up` mount it again). Every other run of the pipeline loses `runs/<run-id>/` (outputs, logs, params) but stays in history; the
-ledger `runs/pruned.json` says when, so `pipe show` and `pipe logs` can tell a pruned run from a broken one.
+replicas' /model, and `pipe serve rollback` and `serve up` mount it again). Every other run of the pipeline loses
+`runs/<run-id>/` (outputs, logs, params) but stays in history; the ledger `runs/pruned.json` says when, so
+`pipe show` and `pipe logs` can tell a pruned run from a broken one.
 """
 
 from __future__ import annotations
