@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -388,3 +389,34 @@ def test_gc_keeps_the_served_run_and_the_rollback_target_and_says_why(make_serve
     back = pipe("serve", "rollback", path)  # the held folder is what rollback mounts
     assert back.returncode == 0, back.stdout + back.stderr
     assert get(port) == "v1 healthy 0.9" and meta(port)["run_id"] == ids[0]
+
+
+def test_restarts_are_bounded_then_the_replica_stays_down_and_check_says_so(
+        make_served: MakeServed, receiver: Receiver, docker: Any) -> None:
+    path, port = make_served({"restarts": 1})
+    assert pipe("run", path).returncode == 0
+    assert pipe("serve", "up", path).returncode == 0
+    (replica,) = replica_containers(docker, path)
+
+    def crash() -> None:
+        replica.reload()
+        if replica.status == "running":
+            replica.exec_run(["sh", "-c", "kill -9 $(pidof httpd)"])
+
+    def state() -> tuple[str, int]:
+        replica.reload()
+        return replica.status, int(replica.attrs["RestartCount"])
+
+    crash()
+    wait_for(lambda: state() == ("running", 1), what="the engine's one allowed restart")
+    crash()  # a second crash with restarts: 1 is not restarted
+    wait_for(lambda: state()[0] == "exited", what="the replica to stay down")
+    time.sleep(1)
+    assert state() == ("exited", 1)
+    check = pipe("serve", "check", path, "--json")
+    assert json.loads(check.stdout)["up"] is False, check.stdout + check.stderr
+    history = [e["event"] for e in json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]]
+    assert history[:2] == ["unhealthy", "restarted"] or history[:2] == ["restarted", "unhealthy"], history
+    assert "serve_unhealthy" in receiver.events()
+    with pytest.raises((urllib.error.URLError, OSError)):  # nginx answers 502: nothing behind it
+        get(port)
