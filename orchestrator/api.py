@@ -293,7 +293,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
             from orchestrator.serve_api import after_run
-            for line in after_run(prepared.loaded, store, summary, request.docker_url):
+            for line in after_run(prepared.loaded, store, summary, request.docker_url, prepared.secrets.values()):
                 reporter.emit(Notice(line))
         reporter.emit(RunFinished(summary))
         return summary

@@ -81,13 +81,14 @@ class _Serving:
         self.client = docker_executor.connect(docker_url)
         self.engine: ServeEngine = ServeEngine(self.client, str(loaded.state.root))
         self.problems: list[str] = []
+        self.redact = secret_values(loaded.pipeline)  # kept out of what a replica printed: history, payloads, errors
 
     def record(self, event: str, run_id: str | None = None, digest: str | None = None, ok: bool = True,
                detail: str = "", notify_as: str | None = None) -> None:
         self.store.record_serve_event(self.name, event, run_id, digest, ok, detail)
         if notify_as is not None:
             self.problems += notify.send(self.pipeline.notify, notify.payload(notify_as, self.name, run_id, digest,
-                                                                              detail))
+                                                                              detail), redact=self.redact)
 
     # --- the model and the containers ----------------------------------------------------------------------
 
@@ -127,7 +128,8 @@ class _Serving:
                     self.engine.remove(replica.container_id, grace_s=1)
             raise
         if any(r is None for r in ready):
-            logs = b"".join(self.engine.logs(started[0].container_id, tail=5)).decode(errors="replace").strip()
+            logs = scrub(b"".join(self.engine.logs(started[0].container_id, tail=5)).decode(errors="replace").strip(),
+                         self.redact)
             for replica in started:
                 self.engine.remove(replica.container_id, grace_s=1)
             why = (f"no healthy answer at {health.path} within {health.start_timeout:g} s"
@@ -194,6 +196,24 @@ class _Serving:
             self.engine.remove(found.proxy_id, grace_s=2)
         self.engine.remove_network()
         serve_proxy.write(self.folder / "proxy", serve_proxy.EMPTY)
+
+
+def secret_values(pipeline: Pipeline) -> tuple[str, ...]:
+    """The values of the pipeline's secrets that this process can see (its environment, the secrets file): a model
+    folder a stage wrote may hold one, and the replica print it, so what it printed is scrubbed of them."""
+    from orchestrator import loader
+
+    try:
+        return tuple(v for v in loader.resolve_secrets(pipeline, os.environ).values() if v)
+    except PipeError:  # one is not set here: scrub those that are
+        names = {name for stage in pipeline.stages.values() for name in stage.secrets}
+        return tuple(os.environ[name] for name in sorted(names) if os.environ.get(name))
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def serve_block(pipeline: Pipeline) -> Serve:

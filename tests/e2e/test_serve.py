@@ -86,13 +86,14 @@ def make_served(docker: Any, make_pipeline: Callable[..., Path], receiver: Recei
     made: list[Path] = []
 
     def make(serve: dict[str, Any] | None = None, top: dict[str, Any] | None = None,
-             model: str = "v1 healthy 0.9\n") -> tuple[Path, int]:
+             model: str = "v1 healthy 0.9\n", train: dict[str, Any] | None = None) -> tuple[Path, int]:
         port = free_port()
         path = make_pipeline({
             "name": "servetest",
             "stages": {
                 "train": {"image": "pipe-busybox:latest", "command": TRAIN,
-                          "inputs": ["model.txt", "meta.cgi"], "metrics": "metrics.json", "gate": {"metric": "score", "min": 0.5}},
+                          "inputs": ["model.txt", "meta.cgi"], "metrics": "metrics.json",
+                          "gate": {"metric": "score", "min": 0.5}, **(train or {})},
             },
             "serve": {"model": "train", "image": "pipe-busybox:latest",
                       "command": ["httpd", "-f", "-p", "8080", "-h", "/model"], "port": 8080,
@@ -420,3 +421,19 @@ def test_restarts_are_bounded_then_the_replica_stays_down_and_check_says_so(
     assert "serve_unhealthy" in receiver.events()
     with pytest.raises((urllib.error.URLError, OSError)):  # nginx answers 502: nothing behind it
         get(port)
+
+
+def test_a_secret_the_replica_prints_stays_out_of_errors_history_and_payloads(
+        make_served: MakeServed, receiver: Receiver) -> None:
+    token = "tok-7f3a9c-not-for-payloads"
+    path, _ = make_served({"command": ["sh", "-c", "cat /model/token; echo; exec httpd -f -p 8080 -h /model"]},
+                          model="v1 broken 0.9\n",  # passes its gate, never answers /health
+                          train={"secrets": ["API_TOKEN"], "command": TRAIN + "; cat /run/secrets/API_TOKEN > /outputs/token"})
+    env = {"API_TOKEN": token}
+    assert pipe("run", path, env=env).returncode == 0
+    up = pipe("serve", "up", path, env=env)
+    assert up.returncode == 1 and "did not become healthy" in up.stderr
+    assert "last output: ***" in up.stderr and token not in up.stdout + up.stderr
+    history = pipe("serve", "status", path, "--history", "--json", env=env).stdout
+    assert "last output: ***" in history and token not in history
+    assert "serve_unhealthy" in receiver.events() and token not in json.dumps(receiver.bodies)
