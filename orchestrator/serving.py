@@ -2,10 +2,11 @@
 at the end of a run whose gate passed. Wires history, the engine (serve_docker), the proxy config and notify.
 
 Blue/green behind a pipe-owned nginx: the new model's replicas start beside the old ones, each must answer its
-health path `healthy_after` times in a row within `start_timeout`, then the proxy's config names them and nginx
-reloads gracefully; pipe waits until every old worker has finished (drained) and only then stops the old
-replicas. A new model that never becomes healthy is removed, the proxy is never touched, the failure is recorded
-and notified, and ServeError (exit 1) says so. One flock (runs/serve/lock) serialises the serving commands.
+health path `healthy_after` times in a row within `start_timeout`, then the back proxy's config names them and
+it reloads gracefully (the front, holding the clients' connections, is never reloaded: serve_proxy); pipe waits
+until every old worker has finished (drained) and only then stops the old replicas. A new model that never
+becomes healthy is removed, the proxy is never touched, the failure is recorded and notified, and ServeError
+(exit 1) says so. One flock (runs/serve/lock) serialises the serving commands.
 """
 
 from __future__ import annotations

@@ -127,6 +127,10 @@ def test_proxy_config_records_its_routing_and_an_empty_one_answers_503(tmp_path:
     assert serve_proxy.read(tmp_path) == routing
     assert "return 503" in serve_proxy.render(serve_proxy.EMPTY)
     assert serve_proxy.parse("worker_processes 1;\n") == serve_proxy.EMPTY
+    front = (tmp_path / serve_proxy.FRONT_NAME).read_text()  # holds the clients; never reloaded
+    assert f"listen {serve_proxy.PROXY_PORT};" in front and f"listen {serve_proxy.PROXY_PORT};" not in conf
+    assert f"proxy_pass http://unix:{serve_proxy.BACK_SOCKET}:;" in front and "keepalive" not in front
+    assert f"listen unix:{serve_proxy.BACK_SOCKET};" in conf and serve_proxy.parse(front) == serve_proxy.EMPTY
 
 
 # -- notifications ------------------------------------------------------------------------------------------------
