@@ -28,7 +28,14 @@ from docker.models.containers import Container
 from orchestrator.docker_executor import ENGINE_FAULTS, host_kwargs, short_reason
 from orchestrator.errors import EngineError, ImageError
 from orchestrator.executor import LABEL_PREFIX, ContainerSpec
-from orchestrator.serve_proxy import CONF_NAME, PROXY_DOCKERFILE, PROXY_IMAGE, PROXY_PORT, RELOAD_COMMAND
+from orchestrator.serve_proxy import (
+    CONF_NAME,
+    PROXY_COMMAND,
+    PROXY_DOCKERFILE,
+    PROXY_IMAGE,
+    PROXY_PORT,
+    RELOAD_COMMAND,
+)
 
 LABEL_SERVE_OWNER = f"{LABEL_PREFIX}.serve.owner"  # the pipeline's state dir, resolved
 LABEL_SERVE_ROLE = f"{LABEL_PREFIX}.serve.role"  # "proxy" | "replica"
@@ -57,6 +64,7 @@ class Found:
     proxy_status: str | None
     replicas: tuple[Replica, ...]
     network: str | None
+    proxy_current: bool = True  # False: a proxy started by an older pipe, with another command (replace it)
 
 
 def slug(owner: str) -> str:
@@ -74,16 +82,18 @@ class ServeEngine:
     def find(self) -> Found:
         def look() -> Found:
             proxy_id = proxy_status = None
+            current = True
             replicas = []
             for c in self._client.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={self._owner}"}):
                 labels = c.labels
                 if labels.get(LABEL_SERVE_ROLE) == "proxy":
                     proxy_id, proxy_status = str(c.id), c.status
+                    current = (c.attrs.get("Config") or {}).get("Cmd") == list(PROXY_COMMAND)
                 else:
                     replicas.append(self._replica(c, port=int(labels.get(f"{LABEL_PREFIX}.serve.port", "0"))))
             nets = self._client.networks.list(names=[self.network_name])
             return Found(proxy_id, proxy_status, tuple(sorted(replicas, key=lambda r: r.name)),
-                         nets[0].name if nets else None)
+                         nets[0].name if nets else None, current)
         return _engine(look)
 
     def _replica(self, c: Container, port: int) -> Replica:

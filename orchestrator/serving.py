@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import notify, serve_proxy
 from orchestrator.api import Loaded, Target, load, open_store
-from orchestrator.errors import PipeError, ServeError, UsageError
+from orchestrator.errors import EngineError, PipeError, ServeError, UsageError
 from orchestrator.executor import ContainerSpec, Mount
 from orchestrator.results import RunStatus
 from orchestrator.serve_proxy import Routing
@@ -167,10 +167,15 @@ class _Serving:
         before = set(self.engine.workers())
         serve_proxy.write(self.folder / "proxy", Routing(model.run_id, model.digest,
                                                          tuple((r.container_id, r.address or "") for r in new)))
-        self.engine.reload_proxy()
-        if not _poll(lambda: self.engine.reloaded(before), serve_proxy.DRAIN_S + 10):
-            serve_proxy.write(self.folder / "proxy", old)
+        try:
             self.engine.reload_proxy()
+            took = _poll(lambda: self.engine.reloaded(before), serve_proxy.DRAIN_S + 10)
+        except EngineError:
+            took = False
+        if not took:
+            serve_proxy.write(self.folder / "proxy", old)
+            with suppress(EngineError):
+                self.engine.reload_proxy()
             for replica in new:
                 self.engine.remove(replica.container_id, grace_s=1)
             raise ServeError("the serving proxy did not take the new configuration; the old model keeps serving")
@@ -184,7 +189,7 @@ class _Serving:
         found, routing = self.engine.find(), serve_proxy.read(self.folder / "proxy")
         by_id = {r.container_id: r for r in found.replicas}
         health = self.serve.health
-        ok = (found.proxy_status == "running" and bool(routing.replicas)
+        ok = (found.proxy_status == "running" and found.proxy_current and bool(routing.replicas)
               and all(cid in by_id and _healthy(by_id[cid].address, health.path, health.timeout)
                       for cid, _ in routing.replicas))
         return found, routing, ok
