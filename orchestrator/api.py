@@ -293,7 +293,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
             from orchestrator.serve_api import after_run
-            for line in after_run(prepared.loaded, store, summary, request.docker_url):
+            for line in after_run(prepared.loaded, store, summary, request.docker_url, prepared.secrets.values()):
                 reporter.emit(Notice(line))
         reporter.emit(RunFinished(summary))
         return summary
@@ -695,6 +695,7 @@ class GcResult:
     bytes_freed: int  # run folders and cache files together, each block once when its last link goes
     images_removed: tuple[str, ...] = ()
     images_held: tuple[str, ...] = ()  # pipe built them and nothing kept uses them, but a container does
+    runs_held: tuple[tuple[str, str], ...] = ()  # (run id, why): kept only because serving needs them
     image_bytes_freed: int = 0
     warnings: tuple[str, ...] = ()
 
@@ -702,8 +703,9 @@ class GcResult:
 def gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: bool, runs: bool = True,
        images: bool = True, docker_url: str | None = None) -> GcResult:
     """`pipe gc`: removes the folders of the runs the policy does not keep (prune.plan_runs; never the latest
-    successful run nor a running one), the cache entries no kept run uses, and the images pipe built that no
-    kept run, kept entry or `image:` stage uses. Holds the pipeline's lock throughout."""
+    successful run nor a running one, nor the served model or the run rollback goes back to), the cache entries
+    no kept run uses, and the images pipe built that no kept run, kept entry or `image:` stage uses. Holds the
+    pipeline's lock throughout."""
     from orchestrator import prune
     from orchestrator.cache import Cache
     from orchestrator.fsops import Freed
@@ -723,7 +725,7 @@ def gc(target: Target, keep_runs: int | None, keep_days: float | None, dry_run: 
         cache = Cache(state.cache_dir)
         report = cache.gc(keys, dry_run=dry_run, freed=freed)
         result = GcResult(dry_run, tuple(r.id for r in removed), tuple(r.id for r in plan.keep), report,
-                          freed.bytes)
+                          freed.bytes, runs_held=plan.held)
         if images:
             used = {s.image_id for r in plan.keep for s in r.stages if s.image_id}
             used |= {m.ingredients.image for m in cache.entries() if m.key in keys}
@@ -737,7 +739,17 @@ def _kept_runs(loaded: Loaded, store: Store, keep_runs: int | None, keep_days: f
 
     history = store.list_runs(loaded.pipeline.display_name, limit=2**31 - 1, with_stages=True)
     return prune.plan_runs(history, prune.KeepPolicy(keep_runs, keep_days), now,
-                           lambda run_id: loaded.state.run_dir(run_id).is_dir())
+                           lambda run_id: loaded.state.run_dir(run_id).is_dir(), _served(loaded, store))
+
+
+def _served(loaded: Loaded, store: Store) -> dict[str, str]:
+    """The runs serving needs (serving.held_runs): gc never removes the served model nor the rollback target."""
+    from orchestrator import serve_proxy
+    from orchestrator.serving import held_runs
+
+    events = store.serve_events(loaded.pipeline.display_name, limit=None)
+    routing = serve_proxy.read(loaded.state.root / "serve" / "proxy")
+    return held_runs(events, routing) if events or routing.run_id else {}
 
 
 def kept_keys(loaded: Loaded, store: Store, keep_runs: int | None, keep_days: float | None, now: datetime,

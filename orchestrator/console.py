@@ -582,7 +582,9 @@ def describe_gc(report: GcReport, dry_run: bool) -> str:
 def run_gc_json(result: GcResult) -> dict[str, Any]:
     """`pipe gc --json` (an api.GcResult); stable keys, documented in README."""
     return {"dry_run": result.dry_run, "runs_removed": list(result.runs_removed),
-            "runs_kept": list(result.runs_kept), "cache": gc_json(result.cache, result.dry_run),
+            "runs_kept": list(result.runs_kept),
+            "runs_held": [{"run_id": run_id, "reason": why} for run_id, why in result.runs_held],
+            "cache": gc_json(result.cache, result.dry_run),
             "bytes_freed": result.bytes_freed, "images_removed": list(result.images_removed),
             "images_held": list(result.images_held), "image_bytes_freed": result.image_bytes_freed,
             "warnings": list(result.warnings)}
@@ -595,6 +597,8 @@ def print_run_gc(result: GcResult) -> None:
         warn(warning)
     out.print(f"{verb} {len(result.runs_removed)} run folder(s){': ' if result.runs_removed else ''}"
               f"{', '.join(result.runs_removed)}; kept {len(result.runs_kept)} run(s)", highlight=False)
+    for run_id, why in result.runs_held:
+        out.print(f"kept run {run_id}, which the keep rules would remove: {why}", highlight=False)
     out.print(describe_gc(result.cache, result.dry_run), highlight=False)
     out.print(f"{verb} {len(result.images_removed)} image(s) pipe built "
               f"({format_bytes(result.image_bytes_freed)} not shared with other images)"

@@ -4,8 +4,10 @@ nothing of Docker (images.py removes images) or of manifests (cache.py collects 
 
 A run keeps its folder when it is among the newest `keep_runs`, started in the last `keep_days`, is running, or
 is the latest run that succeeded (whatever the policy: it is what the next `pipe run --stage` and the cache build
-on). Every other run of the pipeline loses `runs/<run-id>/` (outputs, logs, params) but stays in history; the
-ledger `runs/pruned.json` says when, so `pipe show` and `pipe logs` can tell a pruned run from a broken one.
+on), or is held for a reason given (the served model and the one rollback goes back to: its folder is the
+replicas' /model, and `pipe serve rollback` and `serve up` mount it again). Every other run of the pipeline loses
+`runs/<run-id>/` (outputs, logs, params) but stays in history; the ledger `runs/pruned.json` says when, so
+`pipe show` and `pipe logs` can tell a pruned run from a broken one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,23 +43,29 @@ class KeepPolicy:
 class RunsPlan:
     keep: tuple[RunInfo, ...]  # their folders, cache entries and images stay
     remove: tuple[RunInfo, ...]  # not kept, and their folder is still there
+    held: tuple[tuple[str, str], ...] = ()  # (run id, why): kept only for a reason given, the policy would remove it
 
 
 def plan_runs(runs: Iterable[RunInfo], policy: KeepPolicy, now: datetime,
-              has_folder: Callable[[str], bool]) -> RunsPlan:
-    """Splits a pipeline's runs (newest first, as Store.list_runs gives them) by the policy."""
-    runs = list(runs)
+              has_folder: Callable[[str], bool], hold: Mapping[str, str] | None = None) -> RunsPlan:
+    """Splits a pipeline's runs (newest first, as Store.list_runs gives them) by the policy; a run in `hold`
+    (run id -> why) is kept whatever the policy says, and reported with its reason when only that keeps it."""
+    runs, hold = list(runs), hold or {}
     latest_success = next((r.id for r in runs if r.status == RunStatus.SUCCEEDED), None)
     since = now - timedelta(days=policy.keep_days) if policy.keep_days is not None else None
-    keep, remove = [], []
+    keep, remove, held = [], [], []
     for index, run in enumerate(runs):
         if (run.id == latest_success or run.status == RunStatus.RUNNING
                 or (policy.keep_runs is not None and index < policy.keep_runs)
                 or (since is not None and run.started_at >= since)):
             keep.append(run)
+        elif run.id in hold:
+            keep.append(run)
+            if has_folder(run.id):
+                held.append((run.id, hold[run.id]))
         elif has_folder(run.id):
             remove.append(run)
-    return RunsPlan(tuple(keep), tuple(remove))
+    return RunsPlan(tuple(keep), tuple(remove), tuple(held))
 
 
 def remove_tree(root: Path, freed: Freed, dry_run: bool) -> None:

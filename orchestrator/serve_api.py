@@ -11,7 +11,7 @@ after_run: the hook at the end of `pipe run`: notifies failed / gate_failed, aut
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -167,7 +167,8 @@ def logs(target: Target, follow: bool = False, docker_url: str | None = None) ->
         yield from engine.logs(cid, follow=follow)
 
 
-def after_run(loaded: Loaded, store: Store, summary: RunSummary, docker_url: str | None = None) -> list[str]:
+def after_run(loaded: Loaded, store: Store, summary: RunSummary, docker_url: str | None = None,
+              redact: Iterable[str] = ()) -> list[str]:
     """The end of `pipe run`: notify a failed run; auto-promote one whose gates passed. Never raises: a problem
     (engine, unhealthy model, receiver down) is recorded and returned as lines, the run's result stands."""
     pipeline = loaded.pipeline
@@ -179,7 +180,7 @@ def after_run(loaded: Loaded, store: Store, summary: RunSummary, docker_url: str
             event = "gate_failed" if gate else "failed"
             detail = f"gate failed: {', '.join(gate)}" if gate else "; ".join(
                 f"{s.stage}: {s.reason}" for s in info.stages if s.status is not None and s.status.value == "failed")
-            return notify.send(pipeline.notify, notify.payload(event, name, info.id, None, detail))
+            return notify.send(pipeline.notify, notify.payload(event, name, info.id, None, detail), redact=redact)
         if pipeline.serve is None or pipeline.serve.promote != "auto" or summary.status is not RunStatus.SUCCEEDED:
             return []
         if why := unservable(info, pipeline, auto=True):

@@ -28,7 +28,14 @@ from docker.models.containers import Container
 from orchestrator.docker_executor import ENGINE_FAULTS, host_kwargs, short_reason
 from orchestrator.errors import EngineError, ImageError
 from orchestrator.executor import LABEL_PREFIX, ContainerSpec
-from orchestrator.serve_proxy import PROXY_DOCKERFILE, PROXY_IMAGE, PROXY_PORT
+from orchestrator.serve_proxy import (
+    CONF_NAME,
+    PROXY_COMMAND,
+    PROXY_DOCKERFILE,
+    PROXY_IMAGE,
+    PROXY_PORT,
+    RELOAD_COMMAND,
+)
 
 LABEL_SERVE_OWNER = f"{LABEL_PREFIX}.serve.owner"  # the pipeline's state dir, resolved
 LABEL_SERVE_ROLE = f"{LABEL_PREFIX}.serve.role"  # "proxy" | "replica"
@@ -57,6 +64,7 @@ class Found:
     proxy_status: str | None
     replicas: tuple[Replica, ...]
     network: str | None
+    proxy_current: bool = True  # False: a proxy started by an older pipe, with another command (replace it)
 
 
 def slug(owner: str) -> str:
@@ -74,16 +82,18 @@ class ServeEngine:
     def find(self) -> Found:
         def look() -> Found:
             proxy_id = proxy_status = None
+            current = True
             replicas = []
             for c in self._client.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={self._owner}"}):
                 labels = c.labels
                 if labels.get(LABEL_SERVE_ROLE) == "proxy":
                     proxy_id, proxy_status = str(c.id), c.status
+                    current = (c.attrs.get("Config") or {}).get("Cmd") == list(PROXY_COMMAND)
                 else:
                     replicas.append(self._replica(c, port=int(labels.get(f"{LABEL_PREFIX}.serve.port", "0"))))
             nets = self._client.networks.list(names=[self.network_name])
             return Found(proxy_id, proxy_status, tuple(sorted(replicas, key=lambda r: r.name)),
-                         nets[0].name if nets else None)
+                         nets[0].name if nets else None, current)
         return _engine(look)
 
     def _replica(self, c: Container, port: int) -> Replica:
@@ -175,15 +185,23 @@ class ServeEngine:
     # --- health, switch, drain -----------------------------------------------------------------------------
 
     def reload_proxy(self) -> None:
-        """nginx's graceful reload: new workers take the new upstream, old ones finish their requests."""
-        _engine(lambda: self._client.api.kill(self.proxy_name, signal="SIGHUP"), "the serving proxy did not reload")
+        """The back nginx's graceful reload (serve_proxy): new workers take the new upstream, old ones finish
+        their requests; the front, which holds the clients' connections, is not touched."""
+        def reload() -> None:
+            code, out = self._client.containers.get(self.proxy_name).exec_run(list(RELOAD_COMMAND))
+            if code != 0:
+                said = out.decode(errors="replace").strip() if isinstance(out, bytes) else ""
+                raise EngineError(f"the serving proxy did not reload: {said}")
+        _engine(reload, "the serving proxy did not reload")
 
     def workers(self) -> dict[str, bool]:
-        """The proxy's nginx worker pids -> whether each is shutting down (an old worker finishing requests)."""
+        """The back nginx's worker pids -> whether each is shutting down (an old worker finishing requests)."""
         def list_workers() -> dict[str, bool]:
-            top = self._client.api.top(self.proxy_name, ps_args="-o pid,args")
-            rows = [(str(row[0]), " ".join(row[1:])) for row in top.get("Processes") or ()]
-            return {pid: "shutting down" in args for pid, args in rows if "worker process" in args}
+            top = self._client.api.top(self.proxy_name, ps_args="-o pid,ppid,args")
+            rows = [(str(row[0]), str(row[1]), " ".join(row[2:])) for row in top.get("Processes") or ()]
+            masters = {pid for pid, _, args in rows if "master process" in args and CONF_NAME in args}
+            return {pid: "shutting down" in args for pid, ppid, args in rows
+                    if ppid in masters and "worker process" in args}
         return _engine(list_workers)
 
     def reloaded(self, before: set[str]) -> bool:

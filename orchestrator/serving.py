@@ -2,10 +2,11 @@
 at the end of a run whose gate passed. Wires history, the engine (serve_docker), the proxy config and notify.
 
 Blue/green behind a pipe-owned nginx: the new model's replicas start beside the old ones, each must answer its
-health path `healthy_after` times in a row within `start_timeout`, then the proxy's config names them and nginx
-reloads gracefully; pipe waits until every old worker has finished (drained) and only then stops the old
-replicas. A new model that never becomes healthy is removed, the proxy is never touched, the failure is recorded
-and notified, and ServeError (exit 1) says so. One flock (runs/serve/lock) serialises the serving commands.
+health path `healthy_after` times in a row within `start_timeout`, then the back proxy's config names them and
+it reloads gracefully (the front, holding the clients' connections, is never reloaded: serve_proxy); pipe waits
+until every old worker has finished (drained) and only then stops the old replicas. A new model that never
+becomes healthy is removed, the proxy is never touched, the failure is recorded and notified, and ServeError
+(exit 1) says so. One flock (runs/serve/lock) serialises the serving commands.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import notify, serve_proxy
 from orchestrator.api import Loaded, Target, load, open_store
-from orchestrator.errors import PipeError, ServeError, UsageError
+from orchestrator.errors import EngineError, PipeError, ServeError, UsageError
 from orchestrator.executor import ContainerSpec, Mount
 from orchestrator.results import RunStatus
 from orchestrator.serve_proxy import Routing
@@ -81,13 +82,14 @@ class _Serving:
         self.client = docker_executor.connect(docker_url)
         self.engine: ServeEngine = ServeEngine(self.client, str(loaded.state.root))
         self.problems: list[str] = []
+        self.redact = secret_values(loaded.pipeline)  # kept out of what a replica printed: history, payloads, errors
 
     def record(self, event: str, run_id: str | None = None, digest: str | None = None, ok: bool = True,
                detail: str = "", notify_as: str | None = None) -> None:
         self.store.record_serve_event(self.name, event, run_id, digest, ok, detail)
         if notify_as is not None:
             self.problems += notify.send(self.pipeline.notify, notify.payload(notify_as, self.name, run_id, digest,
-                                                                              detail))
+                                                                              detail), redact=self.redact)
 
     # --- the model and the containers ----------------------------------------------------------------------
 
@@ -127,7 +129,8 @@ class _Serving:
                     self.engine.remove(replica.container_id, grace_s=1)
             raise
         if any(r is None for r in ready):
-            logs = b"".join(self.engine.logs(started[0].container_id, tail=5)).decode(errors="replace").strip()
+            logs = scrub(b"".join(self.engine.logs(started[0].container_id, tail=5)).decode(errors="replace").strip(),
+                         self.redact)
             for replica in started:
                 self.engine.remove(replica.container_id, grace_s=1)
             why = (f"no healthy answer at {health.path} within {health.start_timeout:g} s"
@@ -164,10 +167,15 @@ class _Serving:
         before = set(self.engine.workers())
         serve_proxy.write(self.folder / "proxy", Routing(model.run_id, model.digest,
                                                          tuple((r.container_id, r.address or "") for r in new)))
-        self.engine.reload_proxy()
-        if not _poll(lambda: self.engine.reloaded(before), serve_proxy.DRAIN_S + 10):
-            serve_proxy.write(self.folder / "proxy", old)
+        try:
             self.engine.reload_proxy()
+            took = _poll(lambda: self.engine.reloaded(before), serve_proxy.DRAIN_S + 10)
+        except EngineError:
+            took = False
+        if not took:
+            serve_proxy.write(self.folder / "proxy", old)
+            with suppress(EngineError):
+                self.engine.reload_proxy()
             for replica in new:
                 self.engine.remove(replica.container_id, grace_s=1)
             raise ServeError("the serving proxy did not take the new configuration; the old model keeps serving")
@@ -181,7 +189,7 @@ class _Serving:
         found, routing = self.engine.find(), serve_proxy.read(self.folder / "proxy")
         by_id = {r.container_id: r for r in found.replicas}
         health = self.serve.health
-        ok = (found.proxy_status == "running" and bool(routing.replicas)
+        ok = (found.proxy_status == "running" and found.proxy_current and bool(routing.replicas)
               and all(cid in by_id and _healthy(by_id[cid].address, health.path, health.timeout)
                       for cid, _ in routing.replicas))
         return found, routing, ok
@@ -194,6 +202,24 @@ class _Serving:
             self.engine.remove(found.proxy_id, grace_s=2)
         self.engine.remove_network()
         serve_proxy.write(self.folder / "proxy", serve_proxy.EMPTY)
+
+
+def secret_values(pipeline: Pipeline) -> tuple[str, ...]:
+    """The values of the pipeline's secrets that this process can see (its environment, the secrets file): a model
+    folder a stage wrote may hold one, and the replica print it, so what it printed is scrubbed of them."""
+    from orchestrator import loader
+
+    try:
+        return tuple(v for v in loader.resolve_secrets(pipeline, os.environ).values() if v)
+    except PipeError:  # one is not set here: scrub those that are
+        names = {name for stage in pipeline.stages.values() for name in stage.secrets}
+        return tuple(os.environ[name] for name in sorted(names) if os.environ.get(name))
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def serve_block(pipeline: Pipeline) -> Serve:
@@ -286,6 +312,19 @@ def _serving(target: Target, docker_url: str | None, loaded: Loaded | None = Non
 def current_run(events: list[ServeEventInfo]) -> str | None:
     """The run whose model was served last (newest event first)."""
     return next((e.run_id for e in events if e.event in SERVED_EVENTS and e.ok and e.run_id), None)
+
+
+def held_runs(events: list[ServeEventInfo], routing: Routing) -> dict[str, str]:
+    """The runs whose model folders serving needs (run id -> why), so `pipe gc` keeps them: the served one, the
+    one rollback goes back to, and the one the proxy routes to (the same run unless a killed pipe left it)."""
+    held: dict[str, str] = {}
+    if routing.run_id:
+        held[routing.run_id] = "the serving proxy routes to it"
+    if (served := current_run(events)) is not None:
+        held[served] = "it is the served model"
+    if (back := previous_run(events)) is not None:
+        held.setdefault(back, "`pipe serve rollback` goes back to it")
+    return held
 
 
 def previous_run(events: list[ServeEventInfo]) -> str | None:

@@ -13,4 +13,10 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then  # the web UI's browser tests
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+if ! command -v curl >/dev/null; then  # scripts/example.sh asks the served model for one prediction
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+fi
+if ! command -v wrk >/dev/null; then  # bench/serve_bench.py's load generator (and its smoke test)
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -2,13 +2,14 @@
 
 Reads /model/model.joblib and /model/model_card.json once (the train stage's outputs, mounted read-only).
 GET  /health    200 once the model is loaded
-GET  /metadata  run id, model digest, metrics, the card, the request count
+GET  /metadata  run id, model digest, metrics, the card, the request count, the host (container) that answered
 POST /predict   JSON rows ([{feature: value}, ...] or {"rows": [...]}) -> {"predictions": [...], "digest": ...}
                 (/invocations answers the same, as MLflow's scoring server names it)
 """
 
 import json
 import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,7 +21,8 @@ MODEL = Path("/model")
 CARD = json.loads((MODEL / "model_card.json").read_text())
 ESTIMATOR = joblib.load(MODEL / "model.joblib")
 META = {"run_id": os.environ.get("PIPE_RUN_ID"), "digest": os.environ.get("PIPE_MODEL_DIGEST"),
-        "metrics": json.loads(os.environ.get("PIPE_MODEL_METRICS") or "{}"), "model": CARD}
+        "metrics": json.loads(os.environ.get("PIPE_MODEL_METRICS") or "{}"), "model": CARD,
+        "host": socket.gethostname()}  # with serve.replicas above 1, which replica answered
 COUNT = {"requests": 0}
 LOCK = threading.Lock()
 

@@ -40,3 +40,22 @@ def test_quick_bench_prints_every_row(docker: Any, tmp_path: Path) -> None:
     assert "FAILED" not in done.stdout
     assert "wrote" not in done.stderr  # --quick leaves bench/RESULTS.md alone
     assert (work / "input" / "data").is_dir()
+
+
+SERVE_ROWS = ("direct: the replica at its internal address", "proxy (bridge)", "proxy (published)",
+              "no swap, keep-alive clients", "during a swap, keep-alive clients",
+              "no swap, `Connection: close` clients", "during a swap, `Connection: close` clients")
+
+
+def test_quick_serve_bench_prints_every_row(docker: Any, tmp_path: Path) -> None:
+    """bench/serve_bench.py --quick: wrk through pipe's proxy and to the replica directly, and across a swap."""
+    done = subprocess.run(
+        [sys.executable, "bench/serve_bench.py", "--quick", "--work", str(tmp_path / "work")], cwd=REPO,
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    for row in SERVE_ROWS:
+        assert any(line.startswith(f"| {row}") for line in table), f"row {row!r} missing from:\n{done.stdout}"
+    assert "FAILED" not in done.stdout + done.stderr
+    assert "wrote" not in done.stderr  # --quick leaves bench/SERVE_RESULTS.md alone

@@ -3,14 +3,20 @@ scikit-learn, real metrics, the gate, param overrides and the cache."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestrator.serve_docker import LABEL_SERVE_OWNER
 from tests.e2e.helpers import containers_created, pipe, pipe_json
+from tests.e2e.test_serve import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,3 +77,61 @@ def test_example_pipeline_end_to_end(docker: Any, example: Path) -> None:
 
     metrics_history = pipe_json("metrics", example, "--all")
     assert len(metrics_history) >= 3
+
+
+ROW = {"age": 79, "sex": 2, "bmi": 23.3, "bp": 88, "s1": 186, "s2": 128.4, "s3": 33, "s4": 6, "s5": 4.81,
+       "s6": 102}
+
+
+def call(port: int, path: str, body: object | None = None) -> Any:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="GET" if body is None else "POST",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_example_trains_gates_promotes_serves_and_a_retrain_swaps_under_load(docker: Any, example: Path) -> None:
+    """scripts/example.sh's flow (run, serve up, POST /predict, serve down) on the real example, and a retrain
+    that passes its gate swapping the served model while requests keep coming, none failing."""
+    port = free_port()
+    example.write_text(example.read_text().replace("publish: 127.0.0.1:8080", f"publish: 127.0.0.1:{port}"))
+    try:
+        done = pipe("run", example, timeout=1500)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+        first = pipe_json("runs", example)[0]["id"]
+        up = pipe("serve", "up", example, "--json", timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        answer = call(port, "/predict", [ROW])
+        assert answer["run_id"] == first and len(answer["predictions"]) == 1
+        assert 25 < answer["predictions"][0] < 350  # diabetes progression a year on: the data's range
+        meta = call(port, "/metadata")
+        assert meta["run_id"] == first and meta["host"] and 0.3 < meta["metrics"]["evaluate"]["r2"] < 0.7
+
+        failures: list[str] = []
+        answered: list[str] = []
+        stop = threading.Event()
+
+        def requests() -> None:
+            while not stop.is_set() and len(answered) < 100_000:
+                try:
+                    answered.append(call(port, "/predict", {"rows": [ROW]})["run_id"])
+                except (urllib.error.URLError, OSError, ValueError) as e:
+                    failures.append(repr(e))
+
+        loop = threading.Thread(target=requests, daemon=True)
+        loop.start()
+        retrain = pipe("run", example, "-p", "train.n_estimators=300", timeout=1500)  # promote: auto swaps
+        swapped_at = len(answered)
+        time.sleep(1)
+        stop.set()
+        loop.join(timeout=60)
+        assert retrain.returncode == 0, retrain.stdout[-3000:] + retrain.stderr
+        second = pipe_json("runs", example)[0]["id"]
+        assert failures == [] and answered[0] == first and second != first
+        assert set(answered[swapped_at:]) == {second} and call(port, "/metadata")["run_id"] == second
+    finally:
+        down = pipe("serve", "down", example)
+    assert down.returncode == 0, down.stderr
+    owner = str(example.parent / "runs")
+    assert docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"}) == []

@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,13 +22,21 @@ from typing import Any
 
 import pytest
 
+from orchestrator import api, serve_proxy
+from orchestrator.events import NullReporter
 from orchestrator.serve_docker import LABEL_SERVE_OWNER, LABEL_SERVE_ROLE, slug
 from tests.conftest import wait_for
 from tests.e2e.helpers import pipe, start_pipe
+from tests.e2e.test_schedule import FastClock
 
 TRAIN = ("cp /workspace/model.txt /outputs/metadata; "
+         "mkdir /outputs/cgi-bin && cp /workspace/meta.cgi /outputs/cgi-bin/meta && chmod 755 /outputs/cgi-bin/meta; "
          "if grep -q healthy /workspace/model.txt; then echo ok > /outputs/health; fi; "
          "awk '{print \"{\\\"score\\\": \" $3 \"}\"}' /workspace/model.txt > /outputs/metrics.json")
+# /cgi-bin/meta: the run id the replica serves (pipe sets PIPE_RUN_ID) and which container answered (its hostname),
+# as the example's /metadata gives them
+META_CGI = ('#!/bin/sh\necho Content-Type: application/json\necho\n'
+            'echo "{\\"run_id\\": \\"$PIPE_RUN_ID\\", \\"host\\": \\"$(cat /etc/hostname)\\"}"\n')
 
 
 def free_port() -> int:
@@ -67,29 +76,49 @@ def receiver() -> Iterator[Receiver]:
     r.server.shutdown()
 
 
+MakeServed = Callable[..., tuple[Path, int]]
+
+
 @pytest.fixture
-def served(docker: Any, make_pipeline: Callable[..., Path], receiver: Receiver) -> Iterator[tuple[Path, int]]:
-    port = free_port()
-    path = make_pipeline({
-        "name": "servetest",
-        "stages": {
-            "train": {"image": "pipe-busybox:latest", "command": TRAIN, "inputs": ["model.txt"],
-                      "metrics": "metrics.json", "gate": {"metric": "score", "min": 0.5}},
-        },
-        "serve": {"model": "train", "image": "pipe-busybox:latest",
-                  "command": ["httpd", "-f", "-p", "8080", "-h", "/model"], "port": 8080,
-                  "publish": f"127.0.0.1:{port}", "resources": {"memory": "64m", "pids": 64},
-                  "health": {"path": "/health", "interval": "200ms", "timeout": "1s", "healthy_after": 2,
-                             "start_timeout": "4s"}},
-        "notify": [{"webhook": receiver.url, "timeout": "2s", "retries": 1}],
-    }, files={"model.txt": "v1 healthy 0.9\n"})
-    yield path, port
-    pipe("serve", "down", path)
-    owner = str(path.parent / "runs")
-    left = docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
-    for c in left:
-        c.remove(force=True)
-    assert not left, f"serving containers left behind: {[c.name for c in left]}"
+def make_served(docker: Any, make_pipeline: Callable[..., Path], receiver: Receiver) -> Iterator[MakeServed]:
+    """A busybox model pipeline with a `serve:` block (`serve` entries update it, `top` adds top-level keys);
+    everything it served is taken down and checked gone afterwards."""
+    made: list[Path] = []
+
+    def make(serve: dict[str, Any] | None = None, top: dict[str, Any] | None = None,
+             model: str = "v1 healthy 0.9\n", train: dict[str, Any] | None = None) -> tuple[Path, int]:
+        port = free_port()
+        path = make_pipeline({
+            "name": "servetest",
+            "stages": {
+                "train": {"image": "pipe-busybox:latest", "command": TRAIN,
+                          "inputs": ["model.txt", "meta.cgi"], "metrics": "metrics.json",
+                          "gate": {"metric": "score", "min": 0.5}, **(train or {})},
+            },
+            "serve": {"model": "train", "image": "pipe-busybox:latest",
+                      "command": ["httpd", "-f", "-p", "8080", "-h", "/model"], "port": 8080,
+                      "publish": f"127.0.0.1:{port}", "resources": {"memory": "64m", "pids": 64},
+                      "health": {"path": "/health", "interval": "200ms", "timeout": "1s", "healthy_after": 2,
+                                 "start_timeout": "4s"}, **(serve or {})},
+            "notify": [{"webhook": receiver.url, "timeout": "2s", "retries": 1}],
+            **(top or {}),
+        }, files={"model.txt": model, "meta.cgi": META_CGI})
+        made.append(path)
+        return path, port
+
+    yield make
+    for path in made:
+        pipe("serve", "down", path)
+        owner = str(path.parent / "runs")
+        left = docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
+        for c in left:
+            c.remove(force=True)
+        assert not left, f"serving containers left behind: {[c.name for c in left]}"
+
+
+@pytest.fixture
+def served(make_served: MakeServed) -> tuple[Path, int]:
+    return make_served()
 
 
 def get(port: int, path: str = "/metadata") -> str:
@@ -240,3 +269,171 @@ def test_a_crashed_replica_is_restarted_recorded_and_notified(served: tuple[Path
     assert again.returncode == 0
     assert [e["event"] for e in json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]
             ].count("restarted") == 1
+
+
+def meta(port: int) -> dict[str, str]:
+    answer: dict[str, str] = json.loads(get(port, "/cgi-bin/meta"))
+    return answer
+
+
+def replica_containers(docker: Any, path: Path) -> list[Any]:
+    owner = str(path.parent / "runs")
+    return [c for c in docker.containers.list(all=True, filters={"label": f"{LABEL_SERVE_OWNER}={owner}"})
+            if c.labels.get(LABEL_SERVE_ROLE) == "replica"]
+
+
+def hosts_answering(port: int, want: int, tries: int = 200) -> set[str]:
+    seen: set[str] = set()
+    for _ in range(tries):
+        seen.add(meta(port)["host"])
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def test_two_replicas_are_both_routed_and_a_swap_replaces_both_under_load(
+        make_served: MakeServed, docker: Any) -> None:
+    path, port = make_served({"replicas": 2})
+    first = pipe("run", path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    up = pipe("serve", "up", path, "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    old = replica_containers(docker, path)
+    assert len(old) == 2 and all(c.status == "running" for c in old)
+    routing = serve_proxy.read(path.parent / "runs" / "serve" / "proxy")
+    conf = (path.parent / "runs" / "serve" / "proxy" / "nginx.conf").read_text()
+    assert {cid for cid, _ in routing.replicas} == {c.id for c in old}
+    assert sum(line.strip().startswith("server ") and line.strip() != "server {" for line in conf.splitlines()) == 2
+    for c in old:
+        c.reload()
+        ip = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+        assert f"server {ip}:8080 " in conf
+    assert hosts_answering(port, 2) == {c.id[:12] for c in old}  # requests reach both
+    status = json.loads(pipe("serve", "status", path, "--json").stdout)
+    assert [r["routed"] and r["healthy"] for r in status["replicas"]] == [True, True]
+
+    load = Load(port)
+    wait_for(lambda: len(load.answers) > 20, what="requests answered before the swap")
+    second = retrain(path, "v2 healthy 0.95\n")  # auto-promotion: two new replicas, both healthy, then the switch
+    assert second.returncode == 0, second.stdout + second.stderr
+    swapped_at = len(load.answers)
+    wait_for(lambda: len(load.answers) > swapped_at + 20, what="requests after the swap")
+    load.finish()
+    assert load.failures == []
+    assert set(load.answers[swapped_at:]) == {"v2 healthy 0.95"}
+    new = replica_containers(docker, path)
+    assert len(new) == 2 and not {c.id for c in new} & {c.id for c in old}  # both old ones replaced
+    assert hosts_answering(port, 2) == {c.id[:12] for c in new}
+    runs = json.loads(pipe("runs", path, "--json").stdout)
+    assert {meta(port)["run_id"] for _ in range(4)} == {runs[0]["id"]}
+
+
+def test_a_scheduled_run_that_passes_its_gate_is_promoted_and_metadata_changes(make_served: MakeServed) -> None:
+    path, port = make_served({"promote": "auto"},
+                             top={"schedule": {"cron": "* * * * *", "timezone": "UTC", "overlap": "skip"}})
+    assert pipe("run", path).returncode == 0
+    assert pipe("serve", "up", path).returncode == 0
+    manual = json.loads(pipe("runs", path, "--json").stdout)[0]["id"]
+    assert meta(port)["run_id"] == manual
+    (path.parent / "model.txt").write_text("v2 healthy 0.95\n")  # better data: the scheduled retrain differs
+
+    stop = threading.Event()
+    scheduled: list[Any] = []
+
+    def a_scheduled_run_finished() -> bool:
+        scheduled[:] = [r for r in api.list_runs(api.Target(path), status=None, trigger="schedule", limit=10)
+                        if r.status != "running"]
+        return bool(scheduled)
+
+    thread = threading.Thread(target=api.run_scheduler, args=([path], api.Target(path), NullReporter(), stop),
+                              kwargs={"clock": FastClock(), "wait": lambda s: stop.wait(0.05)})
+    thread.start()
+    try:
+        wait_for(a_scheduled_run_finished, timeout=120, what="a scheduled run")
+    finally:
+        stop.set()
+        thread.join(timeout=120)  # the scheduler finishes its run, promotion included, before it stops
+    assert not thread.is_alive()
+    run = scheduled[-1]  # the first one it fired
+    assert run.status == "succeeded" and run.trigger == "schedule"
+    served = meta(port)["run_id"]
+    fired = {r.id for r in api.list_runs(api.Target(path), status=None, trigger="schedule", limit=10)}
+    assert served != manual and served in fired
+    assert get(port) == "v2 healthy 0.95"
+    history = json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]
+    promoted = [e for e in history if e["event"] == "promoted" and e["run_id"] == run.id]
+    assert promoted and promoted[-1]["detail"].startswith(f"auto: run {run.id} passed its gate")
+
+
+def test_gc_keeps_the_served_run_and_the_rollback_target_and_says_why(make_served: MakeServed) -> None:
+    path, port = make_served({"promote": "manual"})
+    ids = []
+    for model in ("v1 healthy 0.9\n", "v2 healthy 0.91\n", "v3 healthy 0.92\n", "v4 healthy 0.93\n"):
+        assert retrain(path, model).returncode == 0
+        ids.append(json.loads(pipe("runs", path, "--json").stdout)[0]["id"])
+        if len(ids) == 1:
+            assert pipe("serve", "up", path).returncode == 0
+        if len(ids) == 2:
+            assert pipe("promote", ids[1], path).returncode == 0  # served: run 2; rollback goes to run 1
+    dry = pipe("gc", path, "--keep-runs", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"kept run {ids[1]}, which the keep rules would remove: it is the served model" in dry.stdout
+    assert f"kept run {ids[0]}, which the keep rules would remove: `pipe serve rollback` goes back to it" in dry.stdout
+    done = pipe("gc", path, "--keep-runs", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["runs_removed"] == [ids[2]]  # run 4 is the newest; runs 1 and 2 are held by serving
+    assert {h["run_id"]: h["reason"] for h in report["runs_held"]} == {
+        ids[1]: "it is the served model", ids[0]: "`pipe serve rollback` goes back to it"}
+    assert (path.parent / "runs" / ids[0]).is_dir() and (path.parent / "runs" / ids[1]).is_dir()
+    assert not (path.parent / "runs" / ids[2]).exists()
+    back = pipe("serve", "rollback", path)  # the held folder is what rollback mounts
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert get(port) == "v1 healthy 0.9" and meta(port)["run_id"] == ids[0]
+
+
+def test_restarts_are_bounded_then_the_replica_stays_down_and_check_says_so(
+        make_served: MakeServed, receiver: Receiver, docker: Any) -> None:
+    path, port = make_served({"restarts": 1})
+    assert pipe("run", path).returncode == 0
+    assert pipe("serve", "up", path).returncode == 0
+    (replica,) = replica_containers(docker, path)
+
+    def crash() -> None:
+        replica.reload()
+        if replica.status == "running":
+            replica.exec_run(["sh", "-c", "kill -9 $(pidof httpd)"])
+
+    def state() -> tuple[str, int]:
+        replica.reload()
+        return replica.status, int(replica.attrs["RestartCount"])
+
+    crash()
+    wait_for(lambda: state() == ("running", 1), what="the engine's one allowed restart")
+    crash()  # a second crash with restarts: 1 is not restarted
+    wait_for(lambda: state()[0] == "exited", what="the replica to stay down")
+    time.sleep(1)
+    assert state() == ("exited", 1)
+    check = pipe("serve", "check", path, "--json")
+    assert json.loads(check.stdout)["up"] is False, check.stdout + check.stderr
+    history = [e["event"] for e in json.loads(pipe("serve", "status", path, "--history", "--json").stdout)["history"]]
+    assert history[:2] == ["unhealthy", "restarted"] or history[:2] == ["restarted", "unhealthy"], history
+    assert "serve_unhealthy" in receiver.events()
+    with pytest.raises((urllib.error.URLError, OSError)):  # nginx answers 502: nothing behind it
+        get(port)
+
+
+def test_a_secret_the_replica_prints_stays_out_of_errors_history_and_payloads(
+        make_served: MakeServed, receiver: Receiver) -> None:
+    token = "tok-7f3a9c-not-for-payloads"
+    path, _ = make_served({"command": ["sh", "-c", "cat /model/token; echo; exec httpd -f -p 8080 -h /model"]},
+                          model="v1 broken 0.9\n",  # passes its gate, never answers /health
+                          train={"secrets": ["API_TOKEN"], "command": TRAIN + "; cat /run/secrets/API_TOKEN > /outputs/token"})
+    env = {"API_TOKEN": token}
+    assert pipe("run", path, env=env).returncode == 0
+    up = pipe("serve", "up", path, env=env)
+    assert up.returncode == 1 and "did not become healthy" in up.stderr
+    assert "last output: ***" in up.stderr and token not in up.stdout + up.stderr
+    history = pipe("serve", "status", path, "--history", "--json", env=env).stdout
+    assert "last output: ***" in history and token not in history
+    assert "serve_unhealthy" in receiver.events() and token not in json.dumps(receiver.bodies)

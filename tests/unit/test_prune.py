@@ -43,6 +43,15 @@ def test_plan_never_removes_the_latest_successful_run_nor_a_running_one() -> Non
     assert (ids(plan.keep), ids(plan.remove)) == (["ab02", "ab03", "ab05"], ["ab01", "ab04"])
 
 
+def test_plan_keeps_a_held_run_the_policy_would_remove_and_says_why() -> None:
+    runs = [run(1), run(2), run(3), run(4)]
+    hold = {runs[2].id: "it is the served model", runs[3].id: "rollback goes back to it"}
+    plan = prune.plan_runs(runs, prune.KeepPolicy(keep_runs=1), NOW, lambda run_id: not run_id.endswith("04"), hold)
+    assert (ids(plan.keep), ids(plan.remove)) == (["ab01", "ab03", "ab04"], ["ab02"])
+    assert plan.held == ((runs[2].id, "it is the served model"),)  # ab04 has no folder left to keep
+    assert prune.plan_runs(runs, prune.KeepPolicy(keep_runs=1), NOW, lambda r: True, {runs[0].id: "x"}).held == ()
+
+
 def test_plan_keeps_the_last_days_or_the_last_runs() -> None:
     runs = [run(1, RunStatus.FAILED, days_ago=1), run(2, days_ago=3), run(3, days_ago=8), run(4, days_ago=9)]
     assert ids(prune.plan_runs(runs, prune.KeepPolicy(keep_days=7), NOW, lambda r: True).remove) == \

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 
 from orchestrator import notify, serve_proxy
 from orchestrator.loader import load_pipeline
-from orchestrator.serving import current_run, previous_run
+from orchestrator.serving import current_run, held_runs, previous_run
 from orchestrator.spec import Notify
 from orchestrator.store import migrations
 from orchestrator.store.records import ServeEventInfo
@@ -107,6 +107,15 @@ def test_rollback_goes_to_the_run_served_before_the_current_one() -> None:
     assert previous_run([_event("started", "r1")]) is None
 
 
+def test_gc_holds_the_served_run_the_rollback_target_and_what_the_proxy_routes_to() -> None:
+    events = [_event("promote_failed", "r4", ok=False), _event("promoted", "r3"), _event("started", "r2")]
+    assert held_runs(events, serve_proxy.Routing("r3", "d", (("c", "a:1"),))) == {
+        "r3": "it is the served model", "r2": "`pipe serve rollback` goes back to it"}
+    killed = held_runs(events, serve_proxy.Routing("r1", "d", (("c", "a:1"),)))  # a swap whose pipe was killed
+    assert killed["r1"] == "the serving proxy routes to it" and set(killed) == {"r1", "r2", "r3"}
+    assert held_runs([], serve_proxy.EMPTY) == {}
+
+
 # -- the proxy's configuration ------------------------------------------------------------------------------------
 
 
@@ -118,6 +127,10 @@ def test_proxy_config_records_its_routing_and_an_empty_one_answers_503(tmp_path:
     assert serve_proxy.read(tmp_path) == routing
     assert "return 503" in serve_proxy.render(serve_proxy.EMPTY)
     assert serve_proxy.parse("worker_processes 1;\n") == serve_proxy.EMPTY
+    front = (tmp_path / serve_proxy.FRONT_NAME).read_text()  # holds the clients; never reloaded
+    assert f"listen {serve_proxy.PROXY_PORT};" in front and f"listen {serve_proxy.PROXY_PORT};" not in conf
+    assert f"proxy_pass http://unix:{serve_proxy.BACK_SOCKET}:;" in front and "keepalive" not in front
+    assert f"listen unix:{serve_proxy.BACK_SOCKET};" in conf and serve_proxy.parse(front) == serve_proxy.EMPTY
 
 
 # -- notifications ------------------------------------------------------------------------------------------------
