@@ -478,7 +478,9 @@ def print_forecast(decisions: list[Decision]) -> None:
     for d in decisions:
         if d.problem:
             warn(f"{d.stage}: {d.problem}")
-        _out().print(Text(f"{d.stage}: {decision_word(d)}: {', '.join(d.reasons)}"))
+    if decisions:  # one Text, one Console: a 5,000-stage plan prints in one call, not 5,000 (issue 20)
+        _out().print(Text("\n").join(Text(f"{d.stage}: {decision_word(d)}: {', '.join(d.reasons)}")
+                                     for d in decisions))
 
 
 def decision_json(d: Decision) -> dict[str, Any]:
@@ -528,9 +530,10 @@ def print_status(report: StatusReport) -> None:
     else:
         print_stages(run.stages, run_title(run))
     console.print(Text("next run:", style="bold"))
-    for d in report.next_run:
-        what = Text(decision_word(d), style="yellow" if d.run else "cyan")
-        console.print(Text(f"  {d.stage}: ").append(what).append(f": {', '.join(d.reasons)}"))
+    if report.next_run:  # one Text for every stage's line: one print call whatever the number of stages
+        console.print(Text("\n").join(
+            Text(f"  {d.stage}: ").append(Text(decision_word(d), style="yellow" if d.run else "cyan"))
+            .append(f": {', '.join(d.reasons)}") for d in report.next_run))
     if report.disk is not None:
         console.print(describe_disk(report.disk), highlight=False)
 

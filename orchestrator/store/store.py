@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.sql import Select
@@ -41,6 +41,7 @@ from orchestrator.store.records import (
     MetricPoint,
     RunInfo,
     ServeEventInfo,
+    StageHistory,
     StageRunInfo,
     TickAction,
     TickInfo,
@@ -291,6 +292,40 @@ class Store:
         with self._read() as session:
             row = session.scalars(query).first()
             return _stage_info(row) if row else None
+
+    def stage_histories(self, pipeline: str, exclude_run: str | None = None) -> dict[str, StageHistory]:
+        """Every stage of `pipeline` with a finished record -> its last_success and last_record, in one query
+        (plus one per detail table for the rows found): what a forecast or a run reads of history, whatever the
+        number of stages. A stage absent from the result has neither. `exclude_run`'s records are left out.
+
+        Both are picked with ROW_NUMBER() over the pipeline's finished stage records, newest run first (the
+        order of last_success and last_record); window functions are SQLite >= 3.25 and PostgreSQL alike."""
+        candidate = or_(StageRunRow.status == StageStatus.SUCCEEDED,
+                        and_(StageRunRow.status == StageStatus.CACHED, StageRunRow.ingredients_json.is_not(None)))
+        is_candidate = case((candidate, 1), else_=0)
+        newest = (RunRow.started_at.desc(), RunRow.id.desc())
+        ranked = (select(StageRunRow.id.label("id"), is_candidate.label("candidate"),
+                         func.row_number().over(partition_by=StageRunRow.stage, order_by=newest).label("nth"),
+                         func.row_number().over(partition_by=(StageRunRow.stage, is_candidate),
+                                                order_by=newest).label("nth_of_kind"))
+                  .join(RunRow, StageRunRow.run_id == RunRow.id)
+                  .where(RunRow.pipeline == pipeline, StageRunRow.status.is_not(None),
+                         *([RunRow.id != exclude_run] if exclude_run else []))
+                  .subquery())
+        query = (select(StageRunRow, ranked.c.nth, ranked.c.candidate, ranked.c.nth_of_kind)
+                 .join(ranked, ranked.c.id == StageRunRow.id)
+                 .where(or_(ranked.c.nth == 1, and_(ranked.c.candidate == 1, ranked.c.nth_of_kind == 1)))
+                 .options(*_WITH_DETAILS))
+        success: dict[str, StageRunInfo] = {}
+        record: dict[str, StageRunInfo] = {}
+        with self._read() as session:
+            for row, nth, is_success, nth_of_kind in session.execute(query):
+                info = _stage_info(row)
+                if nth == 1:
+                    record[row.stage] = info
+                if is_success == 1 and nth_of_kind == 1:
+                    success[row.stage] = info
+        return {stage: StageHistory(success.get(stage), record.get(stage)) for stage in record}
 
     def last_record(self, pipeline: str, stage: str) -> StageRunInfo | None:
         """The latest finished record of `stage` in `pipeline`, whatever its status: how it last ended."""
