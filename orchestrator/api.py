@@ -322,6 +322,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         )
         report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
+        recorder.flush()
         store.finish_run(run_id, summary.status, summary.exit_code)
         sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -53,6 +53,17 @@ INTERRUPTED = "interrupted"  # the reason of a stage whose run's owner died whil
 _WITH_DETAILS = (selectinload(StageRunRow.artifacts), selectinload(StageRunRow.metrics))
 _WITH_STAGES = (selectinload(RunRow.stages).selectinload(StageRunRow.artifacts),
                 selectinload(RunRow.stages).selectinload(StageRunRow.metrics))
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage's outcome as record_stages writes it."""
+
+    result: StageResult
+    ingredients_json: str | None = None
+    user: str | None = None
+    hermetic: bool = True
+    gate_passed: bool | None = None
 
 
 def new_run_id(moment: datetime) -> str:
@@ -151,23 +162,34 @@ class Store:
     def record_stage(self, run_id: str, result: StageResult, *, ingredients_json: str | None = None,
                      user: str | None = None, hermetic: bool = True, gate_passed: bool | None = None) -> None:
         """Record a stage's outcome, replacing what was recorded for it in this run (running, or an attempt)."""
+        self.record_stages(run_id, [StageRecord(result, ingredients_json, user, hermetic, gate_passed)])
+
+    def record_stages(self, run_id: str, records: Sequence[StageRecord]) -> None:
+        """record_stage for each of `records`, in one transaction (a no-op run's cached stages: one commit)."""
+        if not records:
+            return
         with self._write() as session:
-            row = self._stage_row(session, run_id, result.stage)
-            row.status, row.reason, row.exit_code = result.status, result.reason, result.exit_code
-            row.attempts, row.infra_error = result.attempts, result.infra_error
-            row.cache_key, row.cached_from, row.image_id = result.cache_key, result.cached_from, result.image_id
-            row.started_at = result.started_at or row.started_at
-            row.finished_at = result.finished_at
-            row.duration_s = (row.finished_at - row.started_at).total_seconds() \
-                if row.started_at and row.finished_at else None
-            row.peak_memory_bytes, row.cpu_seconds = result.peak_memory_bytes, result.cpu_seconds
-            row.log_path = result.log_path or row.log_path
-            row.outputs_path, row.outputs_digest = result.outputs_path, result.outputs_digest
-            row.user, row.hermetic, row.ingredients_json = user, hermetic, ingredients_json
-            row.gate_passed = gate_passed
-            row.warnings = list(result.warnings) or None
-            row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
-            row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
+            for record in records:
+                self._fill(self._stage_row(session, run_id, record.result.stage), record)
+
+    @staticmethod
+    def _fill(row: StageRunRow, record: StageRecord) -> None:
+        result = record.result
+        row.status, row.reason, row.exit_code = result.status, result.reason, result.exit_code
+        row.attempts, row.infra_error = result.attempts, result.infra_error
+        row.cache_key, row.cached_from, row.image_id = result.cache_key, result.cached_from, result.image_id
+        row.started_at = result.started_at or row.started_at
+        row.finished_at = result.finished_at
+        row.duration_s = (row.finished_at - row.started_at).total_seconds() \
+            if row.started_at and row.finished_at else None
+        row.peak_memory_bytes, row.cpu_seconds = result.peak_memory_bytes, result.cpu_seconds
+        row.log_path = result.log_path or row.log_path
+        row.outputs_path, row.outputs_digest = result.outputs_path, result.outputs_digest
+        row.user, row.hermetic, row.ingredients_json = record.user, record.hermetic, record.ingredients_json
+        row.gate_passed = record.gate_passed
+        row.warnings = list(result.warnings) or None
+        row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
+        row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
 
     def finish_run(self, run_id: str, status: RunStatus, exit_code: int) -> None:
         """Record the run's end; its heartbeat stops first, so nothing renews the lease of a finished run."""

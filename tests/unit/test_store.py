@@ -251,6 +251,26 @@ def test_stage_histories_is_one_query_whatever_the_number_of_stages(store: Store
     assert len(statements) <= 3, statements  # the stage records, then their artifacts and metrics
 
 
+def test_record_stages_writes_several_stages_at_once_as_record_stage_would(store: Store) -> None:
+    from orchestrator.store.store import StageRecord
+
+    run_id = begin(store)
+    store.mark_stage_running(run_id, "b", 1, T0)
+    store.record_stages(run_id, [
+        StageRecord(result("a", StageStatus.CACHED, cache_key="ka", cached_from="r0"), '{"a": 1}', "1:1"),
+        StageRecord(result("b", metrics={"m": 2.0}), '{"b": 1}', hermetic=False, gate_passed=True),
+    ])
+    store.record_stages(run_id, [])
+    run = store.get_run(run_id, "iris")
+    assert [s.stage for s in run.stages] == ["b", "a"]
+    a, b = run.stage("a"), run.stage("b")
+    assert a is not None and (a.status, a.cached_from, a.user, a.ingredients_json) == (
+        StageStatus.CACHED, "r0", "1:1", '{"a": 1}')
+    assert b is not None and (b.status, b.metrics, b.hermetic, b.gate_passed) == (
+        StageStatus.SUCCEEDED, {"m": 2.0}, False, True)
+    assert store.last_success("iris", "a") is not None
+
+
 def test_mark_interrupted_fails_running_stages_only(store: Store) -> None:
     run_id = begin(store)
     store.record_stage(run_id, result("data"))
