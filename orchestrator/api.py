@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -320,7 +320,12 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
             upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
         )
-        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
+        try:
+            report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
+        except BaseException:
+            with suppress(StoreError):  # the stages restored before the failure stay in history
+                recorder.flush()
+            raise
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
         recorder.flush()
         store.finish_run(run_id, summary.status, summary.exit_code)
