@@ -72,3 +72,38 @@ def _reset_dvc(folder: Path, dvc: Path) -> None:
         (folder / name).unlink(missing_ok=True)
     run_command([dvc, "init", "--no-scm", "--quiet"], cwd=folder, env=DVC_ENV)
     run_command([dvc, "config", "core.analytics", "false"], cwd=folder, env=DVC_ENV)
+
+
+def compare_noop(client: Any, folder: Path, dvc: Path, repeat: int) -> tuple[Side, Side]:
+    """(pipe, DVC) on one workload of workloads.peer_workload: both from nothing, one cold run each, then
+    `repeat` rounds of no-op run and status, taken in turns (DVC, pipe, DVC, pipe). A no-op that starts a
+    container is a BenchError."""
+    pipe_side, dvc_side = Side(), Side()
+    shutil.rmtree(folder / "runs", ignore_errors=True)
+    _reset_dvc_outs(folder, dvc)
+    dvc_side.seconds["cold"].append(run_command([dvc, "repro", "--quiet"], cwd=folder, env=DVC_ENV))
+    pipe_side.seconds["cold"].append(run_pipe("run", "--jobs", "2", folder / "pipeline.yaml").seconds)
+    for _ in range(max(1, repeat)):
+        for scenario in ("no-op", "status"):
+            dvc_args = ["status"] if scenario == "status" else ["repro", "--quiet"]
+            since = time.time()
+            dvc_side.seconds[scenario].append(run_command([dvc, *dvc_args], cwd=folder, env=DVC_ENV))
+            dvc_side.containers[scenario].append(containers_started(client, dvc_owner(folder), since))
+            since = time.time()
+            pipe_side.seconds[scenario].append(run_pipe(scenario.replace("no-op", "run"),
+                                                        folder / "pipeline.yaml").seconds)
+            pipe_side.containers[scenario].append(containers_started(client, folder / "runs", since))
+    for side, name in ((pipe_side, "pipe"), (dvc_side, "DVC")):
+        if any(side.containers["no-op"]) or any(side.containers["status"]):
+            raise BenchError(f"{name}'s no-op or status of {folder.name} started containers")
+    return pipe_side, dvc_side
+
+
+def _reset_dvc_outs(folder: Path, dvc: Path) -> None:
+    from workloads import dvc_outs
+
+    shutil.rmtree(folder / ".dvc", ignore_errors=True)
+    for name in ("dvc.lock", ".dvcignore", *dvc_outs(folder)):
+        (folder / name).unlink(missing_ok=True)
+    run_command([dvc, "init", "--no-scm", "--quiet"], cwd=folder, env=DVC_ENV)
+    run_command([dvc, "config", "core.analytics", "false"], cwd=folder, env=DVC_ENV)

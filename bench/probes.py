@@ -149,3 +149,24 @@ def remove_leftovers(client: Any, under: Path) -> list[str]:
     for container in found:
         container.remove(force=True)
     return [c.name for c in found]
+
+
+def sdk_dag(client: Any, owner: Path, needs: Mapping[str, Sequence[str]], threads: int) -> float:
+    """One floor per stage of a DAG, each started once its needs are done, at most `threads` at a time: the
+    no-network SDK floor of a run at the same parallelism. The wall seconds of the whole DAG."""
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+    started = time.perf_counter()
+    done: set[str] = set()
+    running: dict[Future[float], str] = {}
+    waiting = list(needs)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        while waiting or running:
+            for name in [n for n in waiting if all(up in done for up in needs[n])][:threads - len(running)]:
+                waiting.remove(name)
+                running[pool.submit(floor_once, client, owner)] = name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()
+                done.add(running.pop(future))
+    return time.perf_counter() - started

@@ -22,7 +22,7 @@ from typing import Any
 import docker
 import docker.errors
 import workloads as wl
-from dvc_peer import SCENARIOS, compare, install_dvc
+from dvc_peer import SCENARIOS, compare, compare_noop, install_dvc
 from probes import (
     BUSYBOX,
     BenchError,
@@ -35,6 +35,7 @@ from probes import (
     repeat,
     run_command,
     run_pipe,
+    sdk_dag,
     sdk_threads,
 )
 
@@ -81,13 +82,22 @@ class Row:
     reference: float | None = None
     goal: float | None = None  # in seconds (or GB/s); met when value < goal
     note: str = ""
+    ratio_goal: float | None = None  # met when value / reference <= ratio_goal (issue 20's "at most 0.75x DVC")
 
     def cells(self, judge: bool) -> list[str]:
         ratio = f"{self.value / self.reference:.2f}x" if self.value is not None and self.reference else ""
-        goal = f"< {_show(self.goal, self.unit)}" if self.goal is not None else ""
+        goals, met = [], []
+        if self.goal is not None:
+            goals.append(f"< {_show(self.goal, self.unit)}")
+            met.append(self.value is not None and self.value < self.goal)
+        if self.ratio_goal is not None:
+            goals.append(f"<= {self.ratio_goal:.2f}x")
+            met.append(self.value is not None and bool(self.reference)
+                       and self.value / (self.reference or 1) <= self.ratio_goal)
+        goal = ", ".join(goals)
         verdict = ""
-        if judge and self.goal is not None and self.value is not None:
-            verdict = "met" if self.value < self.goal else "MISSED"
+        if judge and goals and self.value is not None:
+            verdict = "met" if all(met) else "MISSED"
         ref = f"{self.against} {_show(self.reference, self.unit)}".strip() if self.against else ""
         return [self.measure, _show(self.value, self.unit), ref, ratio, goal, verdict, self.note]
 
@@ -314,6 +324,64 @@ def dvc(b: Bench) -> list[Row]:
     return rows
 
 
+def peers(b: Bench) -> list[Row]:
+    """Issue 20: no-op rerun and `pipe status` against DVC on the harness's workloads (goal: at most 0.75x)."""
+    try:
+        exe, version = install_dvc(b.work)
+    except BenchError as e:
+        return [Row("DVC on the harness's workloads", None, note=f"skipped: DVC could not be installed ({e})")]
+    uid_gid = f"{os.getuid()}:{os.getgid()}"
+    rows = []
+    for kind in wl.PEER_WORKLOADS:
+        folder = b.work / "peers" / kind
+        wl.peer_workload(folder, kind, uid_gid, b.sizes.input_bytes, b.sizes.input_files)
+        pipe_side, dvc_side = compare_noop(b.client, folder, exe, b.sizes.repeat)
+        for scenario, command in (("cold", "`pipe run --jobs 2` vs `dvc repro`"),
+                                  ("no-op", "`pipe run` vs `dvc repro`"), ("status", "`pipe status` vs `dvc status`")):
+            rows.append(Row(f"{kind}, {scenario}: {command}", median(pipe_side.seconds[scenario]),
+                            against=f"DVC {version}", reference=median(dvc_side.seconds[scenario]),
+                            ratio_goal=None if scenario == "cold" else 0.75,
+                            note="once; no goal (the cold overhead row has one)" if scenario == "cold" else ""))
+    return rows
+
+
+def cold(b: Bench) -> list[Row]:
+    """Issue 20: a cold run against the no-network SDK floor of the same DAG at the same parallelism (2)."""
+    uid_gid = f"{os.getuid()}:{os.getgid()}"
+    rows = []
+    for kind in ("ml4", "wide10"):
+        folder = b.work / "cold" / kind
+        wl.peer_workload(folder, kind, uid_gid, b.sizes.input_bytes, b.sizes.input_files)
+        needs = wl.stage_needs(folder)
+
+        def pipe_cold(folder: Path = folder) -> float:
+            shutil.rmtree(folder / "runs", ignore_errors=True)
+            return run_pipe("run", "--jobs", "2", folder / "pipeline.yaml").seconds
+
+        def floor_dag(needs: dict[str, list[str]] = needs) -> float:
+            return sdk_dag(b.client, b.work / "sdk", needs, 2)
+
+        pipe_s, floor_s = alternate(b.sizes.heavy, pipe_cold, floor_dag)
+        rows.append(Row(f"{kind} cold, `--jobs 2`, nothing cached", pipe_s,
+                        against=f"{len(needs)} SDK floors, same DAG, 2 at a time", reference=floor_s,
+                        ratio_goal=1.15, note="start-up included"))
+    return rows
+
+
+def plans(b: Bench) -> list[Row]:
+    """Issue 20: `pipe status` and `pipe run --dry-run` of never-run DAGs (plan1000, plan5000)."""
+    rows = []
+    for size, goal in ((b.sizes.dag // 5, 0.3), (b.sizes.dag, 1.0)):
+        path = b.pipeline(f"plan{size}", wl.random_dag(size))
+        status, dry, startup = alternate(b.sizes.repeat, seconds("status", path),
+                                         seconds("run", "--dry-run", path), STARTUP)
+        rows += [Row(f"plan{size}, never run: `pipe status`", status, against="start-up", reference=startup,
+                     goal=goal),
+                 Row(f"plan{size}, never run: `pipe run --dry-run`", dry, against="start-up", reference=startup,
+                     goal=goal)]
+    return rows
+
+
 def _counts(values: list[int]) -> str:
     return "/".join(map(str, sorted(set(values))))
 
@@ -335,18 +403,20 @@ def example(b: Bench) -> list[Row]:
         since = time.time()
         cold.append(run_pipe("run", path).seconds)
         started = containers_started(b.client, folder / "runs", since)
-    rerun, startup = alternate(b.sizes.repeat, seconds("run", path), STARTUP)
+    rerun, status, startup = alternate(b.sizes.repeat, seconds("run", path), seconds("status", path), STARTUP)
     return [Row("example pipeline: first run, nothing cached", median(cold), against="its no-op",
                 reference=rerun, note=f"images already built; fresh state dir; {started} containers"),
             Row("example pipeline: no-op rerun, all cached", rerun, against="start-up", reference=startup,
-                goal=0.5)]
+                goal=0.5),
+            Row("example pipeline: `pipe status`", status, against="start-up", reference=startup, goal=0.2)]
 
 
 GROUPS: dict[str, Callable[[Bench], list[Row]]] = {
     "floor": floors, "chain": chain, "wide": wide, "parallel": parallel, "fan": fan, "input": big_input,
     "hashing": hashing, "planning": planning, "status": history, "dvc": dvc, "example": example,
+    "plans": plans, "cold": cold, "peers": peers,
 }
-PEER_GROUPS = ("dvc", "example")
+PEER_GROUPS = ("dvc", "example", "peers")
 
 
 def machine(client: Any) -> list[tuple[str, str]]:

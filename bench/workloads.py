@@ -173,3 +173,68 @@ def fill_history(db_url: str, runs: int) -> int:
             return int(conn.execute(select(func.count()).select_from(run_table)).scalar_one())
     finally:
         engine.dispose()
+
+
+# ---- issue 20: the harness's workloads, each written both for pipe and for DVC ---------------------------------
+
+PEER_WORKLOADS = ("ml4", "wide10", "wide100", "large_1file", "large_10k")
+
+
+def big_file(path: Path, total_bytes: int) -> Path:
+    """One file of random bytes (made once, reused while its size matches), with an mtime in the past."""
+    if not (path.is_file() and path.stat().st_size == total_bytes):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            left = total_bytes
+            while left:
+                chunk = os.urandom(min(left, 16 * 1024 * 1024))
+                f.write(chunk)
+                left -= len(chunk)
+        when = time.time() - PAST_S
+        os.utime(path, (when, when))
+    return path
+
+
+def peer_workload(folder: Path, kind: str, uid_gid: str, input_bytes: int, input_files: int) -> None:
+    """`kind` of PEER_WORKLOADS as pipeline.yaml and dvc.yaml in `folder` (ml4 is peer_pipeline). wideN: N
+    independent stages reading seed.txt; large_1file: one stage reading one file of `input_bytes`; large_10k: one
+    stage reading a folder of `input_files` files summing to `input_bytes`."""
+    if kind == "ml4":
+        peer_pipeline(folder, uid_gid)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, tuple[str, str, str, str]] = {}  # name: (input, pipe cmd, dvc cmd, dvc out)
+    if kind.startswith("wide"):
+        (folder / "seed.txt").write_text("seed\n")
+        for i in range(int(kind.removeprefix("wide"))):
+            stages[f"w{i:03d}"] = ("seed.txt", f"cat seed.txt > /outputs/w{i:03d}.txt", f"cat seed.txt > w{i:03d}.txt",
+                                   f"w{i:03d}.txt")
+    elif kind == "large_1file":
+        big_file(folder / "big.bin", input_bytes)
+        stages["count"] = ("big.bin", "wc -c < big.bin > /outputs/size.txt", "wc -c < big.bin > size.txt", "size.txt")
+    elif kind == "large_10k":
+        random_files(folder / "data", input_bytes, input_files)
+        stages["count"] = ("data", "find data -type f | wc -l > /outputs/count.txt",
+                           "find data -type f | wc -l > count.txt", "count.txt")
+    else:
+        raise ValueError(f"unknown workload {kind}")
+    write_pipeline(folder, {name: {"image": BUSYBOX, "command": pipe_cmd, "inputs": [dep]}
+                            for name, (dep, pipe_cmd, _, _) in stages.items()})
+    owner = dvc_owner(folder)
+    docker = (f"docker run --rm --label {LABEL_MANAGED}=1 --label {LABEL_PIPELINE}={owner} --network none "
+              f"-u {uid_gid} -v {folder}:/w -w /w {BUSYBOX} sh -c")
+    dvc_stages = {name: {"cmd": f"{docker} '{dvc_cmd}'", "deps": [dep], "outs": [out]}
+                  for name, (dep, _, dvc_cmd, out) in stages.items()}
+    (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": dvc_stages}, sort_keys=False, width=1000))
+
+
+def dvc_outs(folder: Path) -> list[str]:
+    """The outputs dvc.yaml in `folder` declares: what a reset removes."""
+    data = yaml.safe_load((folder / "dvc.yaml").read_text())
+    return [out for stage in data["stages"].values() for out in stage.get("outs", [])]
+
+
+def stage_needs(folder: Path) -> dict[str, list[str]]:
+    """stage -> its needs, from pipeline.yaml in `folder`: the DAG the SDK floor runs at pipe's parallelism."""
+    data = yaml.safe_load((folder / "pipeline.yaml").read_text())
+    return {name: list(stage.get("needs", [])) for name, stage in data["stages"].items()}

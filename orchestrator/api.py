@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline, Schedule
 from orchestrator.state import StateDir
-from orchestrator.store.records import MetricPoint, RunInfo, StageRunInfo, TickAction, TickInfo
+from orchestrator.store.records import MetricPoint, RunInfo, StageHistory, StageRunInfo, TickAction, TickInfo
 
 if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the commands that use them
     from orchestrator.backend import Backend
@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the comma
     from orchestrator.cachestore import CacheStore
     from orchestrator.cron import CrontabEntry
     from orchestrator.decide import Decision
-    from orchestrator.imageplan import ImageForecast
+    from orchestrator.hashing import HashMemo
+    from orchestrator.imageplan import EngineView, ImageForecast
     from orchestrator.logstore import LogStore
     from orchestrator.parallel import Demand, Execution
     from orchestrator.prune import DiskUse
@@ -203,22 +204,29 @@ class Forecast:
 
 
 class _StoreHistory:
-    """decide.History over the store, each stage asked at most once."""
+    """decide.History over the store: every stage's history read in one query (Store.stage_histories) when a
+    decision first asks, not one query per stage; a forecast whose stages are all cache hits asks nothing.
+    `exclude_run`: the run being recorded, whose own records (a failed attempt) are not its stages' history.
+    Thread-safe: a run's stages decide from parallel's threads."""
 
-    def __init__(self, store: Store, pipeline: str) -> None:
-        self._store, self._pipeline = store, pipeline
-        self._success: dict[str, StageRunInfo | None] = {}
-        self._record: dict[str, StageRunInfo | None] = {}
+    def __init__(self, store: Store, pipeline: str, exclude_run: str | None = None) -> None:
+        self._store, self._pipeline, self._exclude = store, pipeline, exclude_run
+        self._histories: dict[str, StageHistory] | None = None
+        self._lock = threading.Lock()
+
+    def _of(self, stage: str) -> StageHistory | None:
+        with self._lock:
+            if self._histories is None:
+                self._histories = self._store.stage_histories(self._pipeline, exclude_run=self._exclude)
+            return self._histories.get(stage)
 
     def last_success(self, stage: str) -> StageRunInfo | None:
-        if stage not in self._success:
-            self._success[stage] = self._store.last_success(self._pipeline, stage)
-        return self._success[stage]
+        history = self._of(stage)
+        return history.last_success if history else None
 
     def last_record(self, stage: str) -> StageRunInfo | None:
-        if stage not in self._record:
-            self._record[stage] = self._store.last_record(self._pipeline, stage)
-        return self._record[stage]
+        history = self._of(stage)
+        return history.last_record if history else None
 
 
 def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: Store, state: StateDir,
@@ -243,12 +251,37 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     from orchestrator.backend import backend_for
 
     prepared = prepare(request)
-    backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor)
     pipeline, order = prepared.pipeline, prepared.plan.order
+    local = backend is None and (request.executor or pipeline.executor.kind) == "local"
+    view = _socket_view(request.docker_url) if local else None
+    if view is None:
+        backend = backend or backend_for(pipeline, request.docker_url, request.executor)
     with read_store(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
-        images = backend.forecast_images(pipeline, order, prepared.loaded.state.images_memo, store.hash_memo())
+        memo_path = prepared.loaded.state.images_memo
+        if view is not None:
+            images = _view_forecast(pipeline, order, memo_path, view, store.hash_memo())
+        else:
+            assert backend is not None
+            images = backend.forecast_images(pipeline, order, memo_path, store.hash_memo())
         return _forecast(pipeline, order, store, prepared.loaded.state, images, upstream, prepared.force)
+
+
+def _socket_view(docker_url: str | None) -> EngineView | None:
+    """The engine's images over its unix socket, without the Docker SDK (engine_socket.py); None when the engine
+    is not on a unix socket (then the SDK's). EngineError when it does not answer."""
+    from orchestrator import engine_socket
+
+    return engine_socket.connect_view(docker_url)
+
+
+def _view_forecast(pipeline: Pipeline, order: tuple[str, ...], memo_path: Path, view: EngineView | None,
+                   hash_memo: HashMemo) -> dict[str, ImageForecast]:
+    """imageplan.forecast with `view`, or, for None (no engine answered), what the last resolution recorded."""
+    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
+
+    memo = ImageMemo.load(memo_path)
+    return forecast(pipeline, order, memo, view or RecordedView(memo), hash_memo)
 
 
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None,
@@ -281,14 +314,20 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         executor = backend.executor()
         run_stage = StageRunner(
             pipeline=pipeline, run_id=run_id, state=state, cache=caches, executor=executor,
-            reporter=recorder, history=_StoreHistory(store, pipeline.display_name),
+            reporter=recorder, history=_StoreHistory(store, pipeline.display_name, exclude_run=run_id),
             gate_baseline=lambda stage, metric: store.gate_baseline(pipeline.display_name, stage, metric),
             image_ids=image_ids, input_digests=input_digests,
             rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
             upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
         )
-        report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
+        try:
+            report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
+        except BaseException:
+            with suppress(StoreError):  # the stages restored before the failure stay in history
+                recorder.flush()
+            raise
         summary = summarize(run_id, report.results, cancel if report.cancelled else None)
+        recorder.flush()
         store.finish_run(run_id, summary.status, summary.exit_code)
         sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
@@ -365,11 +404,12 @@ def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, 
 
     selected = set(plan.order)
     found: dict[str, Upstream] = {}
+    history = _StoreHistory(store, pipeline.display_name)
     for name in plan.order:
         for up in pipeline.stages[name].needs:
             if up in selected or up in found:
                 continue
-            last = store.last_success(pipeline.display_name, up)
+            last = history.last_success(up)
             if last is None or not last.outputs_path or not last.outputs_digest or not Path(last.outputs_path).is_dir():
                 raise UsageError(
                     f"stage {name} needs the outputs of {up} from an earlier run, but there are none; "
@@ -583,17 +623,23 @@ def next_run(target: Target, backend: Backend | None = None, cache: CacheStore |
 
 def _next_run(loaded: Loaded, store: Store, backend: Backend | None, cache: CacheStore | None = None
               ) -> list[Decision]:
-    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
+    from orchestrator.errors import EngineError
 
     pipeline = loaded.pipeline
     plan = build_plan(pipeline)
     hash_memo = store.hash_memo()
-    backend = backend or _engine_if_up()
+    view = None
+    if backend is None:
+        try:
+            view = _socket_view(None)  # a unix socket: read without importing the SDK
+        except EngineError:
+            pass  # no engine: base images are assumed unchanged since the last resolution (RecordedView)
+        else:
+            backend = _engine_if_up() if view is None else None  # another kind of address: the SDK's
     if backend is not None:
         images = backend.forecast_images(pipeline, plan.order, loaded.state.images_memo, hash_memo)
     else:
-        memo = ImageMemo.load(loaded.state.images_memo)
-        images = forecast(pipeline, plan.order, memo, RecordedView(memo), hash_memo)
+        images = _view_forecast(pipeline, plan.order, loaded.state.images_memo, view, hash_memo)
     return _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset(), cache).decisions
 
 

@@ -479,7 +479,21 @@ def print_forecast(decisions: list[Decision]) -> None:
     for d in decisions:
         if d.problem:
             warn(f"{d.stage}: {d.problem}")
-        _out().print(Text(f"{d.stage}: {decision_word(d)}: {', '.join(d.reasons)}"))
+    _print_lines([Text(f"{d.stage}: {decision_word(d)}: {', '.join(d.reasons)}") for d in decisions])
+
+
+def _print_lines(lines: list[Text]) -> None:
+    """One line per Text, a line per stage of a plan: off a terminal as plain text in one write (rich took
+    0.2-0.4 s to lay out 5,000 lines that carry no style there: issue 20), on one as a single rich print that
+    leaves long lines to the terminal (soft wrap) instead of measuring every word."""
+    if not lines:
+        return
+    console = _out()
+    if console.is_terminal:
+        console.print(Text("\n").join(lines), soft_wrap=True)
+    else:
+        console.file.write("".join(f"{line.plain}\n" for line in lines))
+        console.file.flush()
 
 
 def decision_json(d: Decision) -> dict[str, Any]:
@@ -529,9 +543,8 @@ def print_status(report: StatusReport) -> None:
     else:
         print_stages(run.stages, run_title(run))
     console.print(Text("next run:", style="bold"))
-    for d in report.next_run:
-        what = Text(decision_word(d), style="yellow" if d.run else "cyan")
-        console.print(Text(f"  {d.stage}: ").append(what).append(f": {', '.join(d.reasons)}"))
+    _print_lines([Text(f"  {d.stage}: ").append(Text(decision_word(d), style="yellow" if d.run else "cyan"))
+                  .append(f": {', '.join(d.reasons)}") for d in report.next_run])
     if report.disk is not None:
         console.print(describe_disk(report.disk), highlight=False)
 

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.errors import ImageError
 from orchestrator.hashing import HashMemo, TreeDigest, canonical_hash, hash_file, hash_tree
 from orchestrator.spec import Build, Pipeline
 
 CONTEXT_HASH_VERSION = 2  # bump when the recipe changes: old memo entries then simply miss
 MEMO_MAX_ENTRIES = 500
 SHOW_CHANGED = 3  # changed files named in a reason; the rest are counted
+_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE)
 
 
 class EngineView(Protocol):
@@ -123,6 +126,65 @@ class RecordedView:
 
     def exists(self, image_id: str) -> bool:
         return True
+
+
+class ImageIndex:
+    """The engine's image list (`GET /images/json`, one call) as the answers an EngineView gives: a reference
+    named in it (a tag, `name` meaning `name:latest`, or a repo digest) -> its id; an id in it exists. A miss is
+    not an answer: the caller asks the engine about that one reference (an id prefix, a registry spelling)."""
+
+    def __init__(self, listing: Iterable[dict[str, Any]]) -> None:
+        self._refs: dict[str, str] = {}
+        self._ids: set[str] = set()
+        for image in listing:
+            image_id = str(image.get("Id") or "")
+            if not image_id:
+                continue
+            self._ids.add(image_id)
+            for ref in (image.get("RepoTags") or []) + (image.get("RepoDigests") or []):
+                if ref and not ref.startswith("<none>"):
+                    self._refs[str(ref)] = image_id
+
+    def local_id(self, ref: str) -> str | None:
+        if ref in self._refs:
+            return self._refs[ref]
+        if ref in self._ids:
+            return ref
+        name = ref.rsplit("/", 1)[-1]
+        if "@" not in ref and ":" not in name:  # no tag: the engine reads `name` as `name:latest`
+            return self._refs.get(f"{ref}:latest")
+        return None
+
+    def has(self, image_id: str) -> bool:
+        return image_id in self._ids
+
+
+def where(pipeline: Pipeline, name: str, key: str) -> str:
+    """"path:line: stages.NAME.KEY", for a message about one stage's image."""
+    dotted = f"stages.{name}.{key}"
+    return f"{pipeline.path}:{pipeline.source.line_of(dotted) or '?'}: {dotted}"
+
+
+def base_ids(pipeline: Pipeline, name: str, build: Build, local_id: Callable[[str], str | None]
+             ) -> dict[str, str]:
+    """FROM image -> its local id ("" when absent or not resolvable), so a rebuilt base image invalidates."""
+    dockerfile = pipeline.root / build.context / build.dockerfile
+    try:
+        text = dockerfile.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise ImageError(
+            f"{where(pipeline, name, 'build')}: cannot read {dockerfile}: {e.strerror}; check build.context and "
+            "build.dockerfile"
+        ) from e
+    ids: dict[str, str] = {}
+    stage_names: set[str] = set()
+    for match in _FROM.finditer(text):
+        ref, alias = match.group(1), match.group(2)
+        if ref.lower() != "scratch" and ref not in stage_names and "$" not in ref:
+            ids[ref] = local_id(ref) or ""  # absent: the build pulls it or fails with the engine's message
+        if alias:
+            stage_names.add(alias)
+    return ids
 
 
 def context_hash(root: Path, build: Build, base_ids: dict[str, str], memo: HashMemo | None = None

@@ -23,39 +23,48 @@ from orchestrator.errors import ImageError
 from orchestrator.events import BuildEvents, BuildFinished, BuildProgress, BuildStarted, Notice
 from orchestrator.executor import LABEL_MANAGED
 from orchestrator.hashing import HashMemo
-from orchestrator.imageplan import ImageForecast, ImageMemo, context_hash, forecast
+from orchestrator.imageplan import ImageForecast, ImageIndex, ImageMemo, base_ids, context_hash, forecast
+from orchestrator.imageplan import where as _where
 from orchestrator.spec import Build, Pipeline
 
 T = TypeVar("T")
 EDITED_DURING_BUILD = "its context changed during the build: the image is used by this run only, not remembered"
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
 _RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")  # the classic builder's intermediate container
-_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE)
 
 
 class DockerView:
-    """imageplan.EngineView answered by the engine, with read-only calls; each reference is asked once (a DAG of
-    5,000 stages on one image makes one call, not 5,000)."""
+    """imageplan.EngineView answered by the engine, with read-only calls: one image list for every reference
+    and id (ImageIndex), then one inspect per reference the list does not name (a digest, an id prefix)."""
 
     def __init__(self, client: docker.DockerClient) -> None:
         self._client = client
+        self._index: ImageIndex | None = None
         self._ids: dict[str, str | None] = {}
         self._exists: dict[str, bool] = {}
 
+    def _listed(self) -> ImageIndex:
+        if self._index is None:
+            self._index = ImageIndex(self._client.api.images())
+        return self._index
+
     def base_ids(self, pipeline: Pipeline, name: str, build: Build) -> dict[str, str]:
-        return _base_ids(pipeline, name, build, self.local_id)
+        return base_ids(pipeline, name, build, self.local_id)
 
     def local_id(self, ref: str) -> str | None:
         if ref not in self._ids:
-            try:
-                self._ids[ref] = str(self._client.images.get(ref).id)
-            except docker.errors.ImageNotFound:
-                self._ids[ref] = None
+            found = self._listed().local_id(ref)
+            if found is None:
+                try:
+                    found = str(self._client.images.get(ref).id)
+                except docker.errors.ImageNotFound:
+                    found = None
+            self._ids[ref] = found
         return self._ids[ref]
 
     def exists(self, image_id: str) -> bool:
         if image_id not in self._exists:
-            self._exists[image_id] = _exists(self._client, image_id)
+            self._exists[image_id] = self._listed().has(image_id) or _exists(self._client, image_id)
         return self._exists[image_id]
 
 
@@ -126,28 +135,6 @@ def resolve_images(
         return resolved
 
     return engine_faults(resolve)
-
-
-def _base_ids(pipeline: Pipeline, name: str, build: Build, local_id: Callable[[str], str | None]
-              ) -> dict[str, str]:
-    """FROM image -> its local id ("" when absent or not resolvable), so a rebuilt base image invalidates."""
-    dockerfile = pipeline.root / build.context / build.dockerfile
-    try:
-        text = dockerfile.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise ImageError(
-            f"{_where(pipeline, name, 'build')}: cannot read {dockerfile}: {e.strerror}; check build.context and "
-            "build.dockerfile"
-        ) from e
-    ids: dict[str, str] = {}
-    stage_names: set[str] = set()
-    for match in _FROM.finditer(text):
-        ref, alias = match.group(1), match.group(2)
-        if ref.lower() != "scratch" and ref not in stage_names and "$" not in ref:
-            ids[ref] = local_id(ref) or ""  # absent: the build pulls it or fails with the engine's message
-        if alias:
-            stage_names.add(alias)
-    return ids
 
 
 def _existing_image(pipeline: Pipeline, name: str, ref: str, client: docker.DockerClient) -> str:
@@ -291,10 +278,6 @@ def _remove_build_container(client: docker.DockerClient, container_id: str, time
         except ENGINE_FAULTS:
             return  # the engine is lost: the next run's sweep cannot see it either, but nothing more can be done
 
-
-def _where(pipeline: Pipeline, name: str, key: str) -> str:
-    dotted = f"stages.{name}.{key}"
-    return f"{pipeline.path}:{pipeline.source.line_of(dotted) or '?'}: {dotted}"
 
 
 def _slug(text: str) -> str:

@@ -91,6 +91,15 @@ class StageRunInfo:
 
 
 @dataclass(frozen=True)
+class StageHistory:
+    """What a decision reads of one stage's history (decide.History): its latest record that succeeded (or was
+    cached with its ingredients), and its latest finished record whatever the status."""
+
+    last_success: StageRunInfo | None
+    last_record: StageRunInfo | None
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """One run; `stages` is empty when the run was listed without its stages (`list_runs`)."""
 

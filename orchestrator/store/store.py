@@ -10,12 +10,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.sql import Select
@@ -41,6 +41,7 @@ from orchestrator.store.records import (
     MetricPoint,
     RunInfo,
     ServeEventInfo,
+    StageHistory,
     StageRunInfo,
     TickAction,
     TickInfo,
@@ -52,6 +53,17 @@ INTERRUPTED = "interrupted"  # the reason of a stage whose run's owner died whil
 _WITH_DETAILS = (selectinload(StageRunRow.artifacts), selectinload(StageRunRow.metrics))
 _WITH_STAGES = (selectinload(RunRow.stages).selectinload(StageRunRow.artifacts),
                 selectinload(RunRow.stages).selectinload(StageRunRow.metrics))
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage's outcome as record_stages writes it."""
+
+    result: StageResult
+    ingredients_json: str | None = None
+    user: str | None = None
+    hermetic: bool = True
+    gate_passed: bool | None = None
 
 
 def new_run_id(moment: datetime) -> str:
@@ -150,26 +162,37 @@ class Store:
     def record_stage(self, run_id: str, result: StageResult, *, ingredients_json: str | None = None,
                      user: str | None = None, hermetic: bool = True, gate_passed: bool | None = None) -> None:
         """Record a stage's outcome, replacing what was recorded for it in this run (running, or an attempt)."""
+        self.record_stages(run_id, [StageRecord(result, ingredients_json, user, hermetic, gate_passed)])
+
+    def record_stages(self, run_id: str, records: Sequence[StageRecord]) -> None:
+        """record_stage for each of `records`, in one transaction (a no-op run's cached stages: one commit)."""
+        if not records:
+            return
         with self._write() as session:
-            row = self._stage_row(session, run_id, result.stage)
-            row.status, row.reason, row.exit_code = result.status, result.reason, result.exit_code
-            row.attempts, row.infra_error = result.attempts, result.infra_error
-            row.cache_key, row.cached_from, row.image_id = result.cache_key, result.cached_from, result.image_id
-            row.started_at = result.started_at or row.started_at
-            row.finished_at = result.finished_at
-            row.duration_s = (row.finished_at - row.started_at).total_seconds() \
-                if row.started_at and row.finished_at else None
-            row.peak_memory_bytes, row.cpu_seconds = result.peak_memory_bytes, result.cpu_seconds
-            row.log_path = result.log_path or row.log_path
-            row.outputs_path, row.outputs_digest = result.outputs_path, result.outputs_digest
-            row.user, row.hermetic, row.ingredients_json = user, hermetic, ingredients_json
-            row.gate_passed = gate_passed
-            row.warnings = list(result.warnings) or None
-            where = result.ran_on
-            row.executor, row.node, row.task_id = (where.executor, where.node, where.task_id) if where else \
-                (None, None, None)
-            row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
-            row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
+            for record in records:
+                self._fill(self._stage_row(session, run_id, record.result.stage), record)
+
+    @staticmethod
+    def _fill(row: StageRunRow, record: StageRecord) -> None:
+        result = record.result
+        row.status, row.reason, row.exit_code = result.status, result.reason, result.exit_code
+        row.attempts, row.infra_error = result.attempts, result.infra_error
+        row.cache_key, row.cached_from, row.image_id = result.cache_key, result.cached_from, result.image_id
+        row.started_at = result.started_at or row.started_at
+        row.finished_at = result.finished_at
+        row.duration_s = (row.finished_at - row.started_at).total_seconds() \
+            if row.started_at and row.finished_at else None
+        row.peak_memory_bytes, row.cpu_seconds = result.peak_memory_bytes, result.cpu_seconds
+        row.log_path = result.log_path or row.log_path
+        row.outputs_path, row.outputs_digest = result.outputs_path, result.outputs_digest
+        row.user, row.hermetic, row.ingredients_json = record.user, record.hermetic, record.ingredients_json
+        row.gate_passed = record.gate_passed
+        row.warnings = list(result.warnings) or None
+        where = result.ran_on
+        row.executor, row.node, row.task_id = (where.executor, where.node, where.task_id) if where else \
+            (None, None, None)
+        row.artifacts = [ArtifactRow(path=a.path, size=a.size, digest=a.digest) for a in result.artifacts]
+        row.metrics = [MetricRow(name=name, value=value) for name, value in sorted(result.metrics.items())]
 
     def finish_run(self, run_id: str, status: RunStatus, exit_code: int) -> None:
         """Record the run's end; its heartbeat stops first, so nothing renews the lease of a finished run."""
@@ -294,6 +317,40 @@ class Store:
         with self._read() as session:
             row = session.scalars(query).first()
             return _stage_info(row) if row else None
+
+    def stage_histories(self, pipeline: str, exclude_run: str | None = None) -> dict[str, StageHistory]:
+        """Every stage of `pipeline` with a finished record -> its last_success and last_record, in one query
+        (plus one per detail table for the rows found): what a forecast or a run reads of history, whatever the
+        number of stages. A stage absent from the result has neither. `exclude_run`'s records are left out.
+
+        Both are picked with ROW_NUMBER() over the pipeline's finished stage records, newest run first (the
+        order of last_success and last_record); window functions are SQLite >= 3.25 and PostgreSQL alike."""
+        candidate = or_(StageRunRow.status == StageStatus.SUCCEEDED,
+                        and_(StageRunRow.status == StageStatus.CACHED, StageRunRow.ingredients_json.is_not(None)))
+        is_candidate = case((candidate, 1), else_=0)
+        newest = (RunRow.started_at.desc(), RunRow.id.desc())
+        ranked = (select(StageRunRow.id.label("id"), is_candidate.label("candidate"),
+                         func.row_number().over(partition_by=StageRunRow.stage, order_by=newest).label("nth"),
+                         func.row_number().over(partition_by=(StageRunRow.stage, is_candidate),
+                                                order_by=newest).label("nth_of_kind"))
+                  .join(RunRow, StageRunRow.run_id == RunRow.id)
+                  .where(RunRow.pipeline == pipeline, StageRunRow.status.is_not(None),
+                         *([RunRow.id != exclude_run] if exclude_run else []))
+                  .subquery())
+        query = (select(StageRunRow, ranked.c.nth, ranked.c.candidate, ranked.c.nth_of_kind)
+                 .join(ranked, ranked.c.id == StageRunRow.id)
+                 .where(or_(ranked.c.nth == 1, and_(ranked.c.candidate == 1, ranked.c.nth_of_kind == 1)))
+                 .options(*_WITH_DETAILS))
+        success: dict[str, StageRunInfo] = {}
+        record: dict[str, StageRunInfo] = {}
+        with self._read() as session:
+            for row, nth, is_success, nth_of_kind in session.execute(query):
+                info = _stage_info(row)
+                if nth == 1:
+                    record[row.stage] = info
+                if is_success == 1 and nth_of_kind == 1:
+                    success[row.stage] = info
+        return {stage: StageHistory(success.get(stage), record.get(stage)) for stage in record}
 
     def last_record(self, pipeline: str, stage: str) -> StageRunInfo | None:
         """The latest finished record of `stage` in `pipeline`, whatever its status: how it last ended."""

@@ -24,6 +24,10 @@ ROWS = (
     "planning 50 stages: `pipe validate --no-images`",
     "planning 50 stages: load_pipeline + build_plan in-process",
     "`pipe status`, 20 runs in history",
+    "plan10, never run: `pipe status`",
+    "plan50, never run: `pipe run --dry-run`",
+    "ml4 cold, `--jobs 2`, nothing cached",
+    "wide10 cold, `--jobs 2`, nothing cached",
 )
 
 

@@ -13,7 +13,7 @@ LAYER = {
     "logstore": 1,
     "fsops": 1,
     "yamlfile": 2, "loader": 2, "overrides": 2, "plan": 2, "cron": 2, "cachekey": 2, "cache": 2, "state": 2,
-    "imageplan": 2, "prune": 2, "objectstore": 2, "remote": 2, "cachestore": 2,
+    "imageplan": 2, "engine_socket": 2, "prune": 2, "objectstore": 2, "remote": 2, "cachestore": 2,
     "store": 2,  # and every other store.* module
     "docker_executor": 3, "images": 3, "parallel": 3, "scheduler": 3, "crontab": 3, "runner": 3, "decide": 3,
     "recorder": 3, "backend": 3, "handoff": 3, "swarm_executor": 3, "swarm_backend": 3, "kube_executor": 3, "kube_spec": 1, "notify": 3, "serve_docker": 3, "serve_proxy": 1,

@@ -132,3 +132,27 @@ def test_dot_drawing() -> None:
         '    "train" -> "evaluate";\n'
         "}\n"
     )
+
+
+def test_the_run_order_is_networkx_lexicographical_topological_sort() -> None:
+    """plan orders stages without networkx (issue 20: off the status and run paths); networkx is the oracle."""
+    import random
+
+    import networkx as nx  # type: ignore[import-untyped]
+
+    from orchestrator.plan import _descendants, _ordered
+
+    for seed in range(100):
+        rng = random.Random(seed)
+        names = [f"s{rng.randrange(1000):03d}-{i}" for i in range(rng.randint(1, 50))]
+        needs = {name: tuple(rng.choice(names[:i]) for _ in range(rng.randint(0, min(i, 4))))
+                 for i, name in enumerate(names)}
+        graph = nx.DiGraph()
+        graph.add_nodes_from(needs)
+        graph.add_edges_from((up, name) for name, ups in needs.items() for up in ups)
+        assert _ordered(needs, needs) == tuple(nx.lexicographical_topological_sort(graph))
+        start = rng.choice(names)
+        below = _descendants(needs, start)
+        assert below == nx.descendants(graph, start)
+        chosen = below | {start}
+        assert _ordered(needs, chosen) == tuple(nx.lexicographical_topological_sort(graph.subgraph(chosen)))

@@ -195,6 +195,87 @@ def test_last_success_skips_failures_and_bare_cached_records(store: Store) -> No
     assert store.last_success("wine", "train") is None
 
 
+def test_stage_histories_answers_every_stage_as_last_success_and_last_record_do(store: Store) -> None:
+    ran = begin(store)
+    for stage in ("data", "train", "eval", "flaky"):
+        store.record_stage(ran, result(stage, cache_key=f"{stage}-1",
+                                       artifacts=(Artifact("a", 1, "x"),), metrics={"m": 1.0}),
+                           ingredients_json=f'{{"{stage}": 1}}')
+    failed = begin(store)
+    store.record_stage(failed, result("train", StageStatus.FAILED, exit_code=2), ingredients_json='{"t": 2}')
+    store.record_stage(failed, result("never-ok", StageStatus.FAILED, exit_code=3))
+    bare = begin(store)
+    store.record_stage(bare, result("data", StageStatus.CACHED, cache_key="data-1"))  # no ingredients: not a success
+    store.record_stage(bare, result("eval", StageStatus.CACHED, cache_key="eval-1", cached_from=ran),
+                       ingredients_json='{"eval": 1}')
+    store.mark_stage_running(bare, "flaky", 1, T0)  # still running: no finished record
+    begin(store, pipeline="wine")
+    current = begin(store)
+    store.record_stage(current, result("train", StageStatus.FAILED, exit_code=9))
+
+    stages = ("data", "train", "eval", "flaky", "never-ok", "missing")
+    for exclude in (None, current):
+        found = store.stage_histories("iris", exclude_run=exclude)
+        assert set(found) == set(stages) - {"missing"}
+        for stage in stages:
+            history = found.get(stage)
+            expect_record = store.last_record("iris", stage) if exclude is None else None
+            if exclude is None:
+                assert (history.last_record if history else None) == expect_record, stage
+            assert (history.last_success if history else None) == store.last_success("iris", stage), stage
+    train = store.stage_histories("iris", exclude_run=current)["train"]
+    assert train.last_record is not None and train.last_record.exit_code == 2
+    assert store.stage_histories("iris")["train"].last_record.exit_code == 9  # type: ignore[union-attr]
+    data = store.stage_histories("iris")["data"]
+    assert data.last_success is not None and data.last_success.metrics == {"m": 1.0}
+    assert data.last_success.artifacts == (Artifact("a", 1, "x"),)
+    assert data.last_record is not None and data.last_record.status is StageStatus.CACHED
+    assert store.stage_histories("nothing-here") == {}
+
+
+def test_stage_histories_is_one_query_whatever_the_number_of_stages(store: Store) -> None:
+    from sqlalchemy import event
+
+    for _ in range(3):
+        run_id = begin(store)
+        for i in range(40):
+            store.record_stage(run_id, result(f"s{i:02d}", metrics={"m": float(i)}), ingredients_json="{}")
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+
+    engine = store._engine  # counting what the store sends
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        found = store.stage_histories("iris")
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(found) == 40 and all(h.last_success is not None for h in found.values())
+    assert len(statements) <= 3, statements  # the stage records, then their artifacts and metrics
+
+
+def test_record_stages_writes_several_stages_at_once_as_record_stage_would(store: Store) -> None:
+    from orchestrator.store.store import StageRecord
+
+    run_id = begin(store)
+    store.mark_stage_running(run_id, "b", 1, T0)
+    store.record_stages(run_id, [
+        StageRecord(result("a", StageStatus.CACHED, cache_key="ka", cached_from="r0"), '{"a": 1}', "1:1"),
+        StageRecord(result("b", metrics={"m": 2.0}), '{"b": 1}', hermetic=False, gate_passed=True),
+    ])
+    store.record_stages(run_id, [])
+    run = store.get_run(run_id, "iris")
+    assert [s.stage for s in run.stages] == ["b", "a"]
+    a, b = run.stage("a"), run.stage("b")
+    assert a is not None and (a.status, a.cached_from, a.user, a.ingredients_json) == (
+        StageStatus.CACHED, "r0", "1:1", '{"a": 1}')
+    assert b is not None and (b.status, b.metrics, b.hermetic, b.gate_passed) == (
+        StageStatus.SUCCEEDED, {"m": 2.0}, False, True)
+    assert store.last_success("iris", "a") is not None
+
+
 def test_mark_interrupted_fails_running_stages_only(store: Store) -> None:
     run_id = begin(store)
     store.record_stage(run_id, result("data"))

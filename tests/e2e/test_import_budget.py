@@ -1,0 +1,74 @@
+"""Which libraries a command imports on its path: a contract, not a timing (issue 20).
+
+Each command runs as a user runs it (`python -m orchestrator`, a fresh interpreter) and reports the top-level
+modules in sys.modules as it leaves. `pipe status` and a local dry run read the engine's images over its socket
+(engine_socket.py) and order stages without networkx (plan.py), so neither the Docker SDK nor networkx may enter;
+`pipe --help` opens no history either; a no-op `pipe run` needs the SDK but not networkx. Nothing loads what
+only another executor, the remote or plots need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import BUSYBOX
+
+# runs `python -m orchestrator ARGS` and writes the top-level modules loaded to IMPORTS_FILE as it exits
+_LAUNCHER = """
+import json, os, runpy, sys
+def _report():
+    with open(os.environ['IMPORTS_FILE'], 'w') as f:
+        json.dump(sorted({m.split('.')[0] for m in sys.modules}), f)
+_exit = os._exit
+def _exit_reporting(code):
+    _report()
+    _exit(code)
+os._exit = _exit_reporting
+sys.argv[0] = 'pipe'
+runpy.run_module('orchestrator', run_name='__main__', alter_sys=True)
+"""
+ELSEWHERE = {"kubernetes", "boto3", "botocore", "matplotlib", "croniter"}  # other executors, the remote, plots
+SDK = {"docker", "requests", "urllib3"}
+PIPELINE = {"name": "budget", "stages": {
+    "data": {"image": BUSYBOX, "command": "cat raw.txt > /outputs/data.txt", "inputs": ["raw.txt"]},
+    "train": {"image": BUSYBOX, "command": "cp /inputs/data/data.txt /outputs/model.txt", "needs": ["data"]},
+}}
+
+
+def imports_of(tmp_path: Path, *args: str | Path) -> set[str]:
+    out = tmp_path / "imports.json"
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, *map(str, args)], capture_output=True, text=True,
+                          check=False, timeout=120, env={**os.environ, "IMPORTS_FILE": str(out)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return set(json.loads(out.read_text()))
+
+
+def test_help_opens_no_history_engine_or_graph_library(tmp_path: Path) -> None:
+    loaded = imports_of(tmp_path, "--help")
+    assert loaded & ({"sqlalchemy", "networkx", "blake3"} | SDK | ELSEWHERE) == set()
+
+
+def test_status_and_a_dry_run_load_neither_the_docker_sdk_nor_networkx(
+        docker: Any, make_pipeline: Callable[..., Path], tmp_path: Path) -> None:
+    path = make_pipeline(PIPELINE, {"raw.txt": "x\n"})
+    for args in (("status", path), ("run", "--dry-run", path)):
+        loaded = imports_of(tmp_path, *args)
+        assert "sqlalchemy" in loaded  # the probe sees what the command loads
+        assert loaded & ({"networkx"} | SDK | ELSEWHERE) == set(), args
+
+
+def test_a_no_op_run_loads_the_sdk_but_not_networkx(
+        docker: Any, make_pipeline: Callable[..., Path], tmp_path: Path) -> None:
+    path = make_pipeline(PIPELINE, {"raw.txt": "x\n"})
+    first = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path)], capture_output=True,
+                           text=True, check=False, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    loaded = imports_of(tmp_path, "run", path)
+    assert "docker" in loaded
+    assert loaded & ({"networkx"} | ELSEWHERE) == set()
