@@ -105,6 +105,7 @@ class KubernetesExecutor:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._cancelled: set[str] = set()
+        self._never_started: set[str] = set()  # attempts whose main container never ran
         self._stop_requests = 0
 
     @property
@@ -135,12 +136,17 @@ class KubernetesExecutor:
                 self._core.create_namespaced_secret(self.namespace, secret)
                 self._batch.create_namespaced_job(self.namespace, job)
                 result = self._supervise(name, spec, handoff, on_output)
-                return replace(result, ran_on=RanOn("kubernetes", self._node_of(name), name))
+                return replace(result, ran_on=RanOn("kubernetes", self._node_of(name), name),
+                               warnings=(kube_spec.sandbox_warning(spec),))
             finally:
                 with self._lock:
                     self._running.discard(name)
                     self._cancelled.discard(name)
-                self._delete(name)
+                    never_started = name in self._never_started
+                    self._never_started.discard(name)
+                # a pod that never started (ErrImageNeverPull, ...) has nothing to stop gracefully, and the
+                # kubelet takes ~40 s to get to it (its sync backoff): removed at once
+                self._delete(name, 0 if never_started else None)
         except RemoteError as e:
             return _result(Outcome.ERROR, None, f"object store hand-off failed: {e}", started_at)
         except ApiException as e:
@@ -188,6 +194,8 @@ class KubernetesExecutor:
         started_at = _now()
         pending_until = time.monotonic() + self._settings.pending_timeout_s
         view, failure, pod_name = None, None, ""
+        with self._lock:
+            self._never_started.add(name)
         while True:  # until main has started (or the attempt cannot start)
             if self._is_cancelled(name):
                 return _result(Outcome.CANCELLED, None, "cancelled", started_at)
@@ -198,6 +206,8 @@ class KubernetesExecutor:
                 return _result(Outcome.ERROR, None, f"fetching inputs failed: {self._tail(pod_name, FETCH)}",
                                started_at)
             if view is not None and view.main_started:
+                with self._lock:
+                    self._never_started.discard(name)
                 break
             if failure is not None:
                 return _result(Outcome.ERROR, None, f"job failed before the stage started: {failure}", started_at)
@@ -331,11 +341,18 @@ class KubernetesExecutor:
 
 def delete_objects(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, name: str,
                    grace: int | None = None) -> None:
-    """Delete an attempt's Job with its pods (Foreground propagation) and its Secret; gone already is fine."""
+    """Delete an attempt's Job with its pods (Foreground propagation) and its Secret; gone already is fine.
+    grace 0: the pods are deleted at once too (propagation gives them their own grace period)."""
     body = k8s.V1DeleteOptions(propagation_policy=FOREGROUND, grace_period_seconds=grace)
-    for delete in (batch.delete_namespaced_job, core.delete_namespaced_secret):
+    deletes: list[tuple[Callable[..., Any], str]] = [(batch.delete_namespaced_job, name)]
+    if grace == 0:
+        with suppress(ApiException):
+            pods: list[Any] = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+            deletes += [(core.delete_namespaced_pod, str(p.metadata.name)) for p in pods]
+    deletes.append((core.delete_namespaced_secret, name))
+    for delete, target in deletes:
         try:
-            delete(name, namespace, body=body)
+            delete(target, namespace, body=body)
         except ApiException as e:
             if e.status != 404:
                 raise
