@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchestrator import kube_spec
 from orchestrator.docker_executor import classify, filled_disk
-from orchestrator.errors import EngineError, RemoteError
+from orchestrator.errors import EngineError, RemoteError, UsageError
 from orchestrator.executor import (
     LABEL_HOST,
     LABEL_PID,
@@ -69,7 +69,17 @@ class KubeSettings:
 
 
 def connect(context: str | None = None, kubeconfig: str | None = None) -> k8s.ApiClient:
-    """An API client from the standard kubeconfig chain (KUBECONFIG, ~/.kube/config) that answered /version."""
+    """An API client from the standard kubeconfig chain (KUBECONFIG, ~/.kube/config) that answered /version.
+    A context the kubeconfig does not have is bad input (UsageError); one that does not answer an EngineError."""
+    if context is not None:
+        try:
+            contexts, _ = k8s_config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException as e:
+            raise EngineError(f"kubeconfig unreadable: {_short(e)}") from e
+        names = sorted(str(c.get("name")) for c in contexts or ())
+        if context not in names:
+            raise UsageError(f"kubernetes context {context!r} is not in the kubeconfig (it has: "
+                             f"{', '.join(names) or 'none'})")
     try:
         configuration = k8s.Configuration()
         k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
