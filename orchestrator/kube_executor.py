@@ -52,6 +52,9 @@ LINE_CAP_BYTES = 64 * 1024
 ANNOTATION_RUN, ANNOTATION_PID, ANNOTATION_HOST = "dev.pipe/run", "dev.pipe/pid", "dev.pipe/host"
 API_FAULTS = (ApiException, OSError, urllib3.exceptions.HTTPError)
 FOREGROUND = "Foreground"
+# without `list` on nodes: one stage at a time by default (--jobs and each stage's cpus still apply), never more
+# than one cpu's worth of caps at once, so pods do not wait for a cluster pipe cannot see (docs/kubernetes.md)
+UNKNOWN_CAPACITY = (1.0, 1 << 62)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> k8s.Ap
 
 def _short(error: BaseException) -> str:
     if isinstance(error, ApiException):
-        return f"{error.status} {error.reason}"
+        return f"{error.status} {_api_message(error)}"  # a 403 names the verb and resource RBAC forbids
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -160,7 +163,8 @@ class KubernetesExecutor:
         except RemoteError as e:
             return _result(Outcome.ERROR, None, f"object store hand-off failed: {e}", started_at)
         except ApiException as e:
-            return _result(Outcome.ERROR, None, f"kubernetes refused the job: {_api_message(e)}", started_at)
+            refused = "RBAC forbids it" if e.status == 403 else "kubernetes refused the job"
+            return _result(Outcome.ERROR, None, f"{refused}: {_api_message(e)}", started_at)
         except API_FAULTS as e:
             raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
         finally:
@@ -402,6 +406,10 @@ def capacity(api: k8s.ApiClient) -> tuple[float, int]:
     quantity: Callable[[str], Any] = parse_quantity
     try:
         nodes: list[Any] = k8s.CoreV1Api(api).list_node().items
+    except ApiException as e:
+        if e.status == 403:  # a namespace-only Role (docs/kubernetes.md): the cluster's size is unknown
+            return UNKNOWN_CAPACITY
+        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
     except API_FAULTS as e:
         raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
     allocatable = [n.status.allocatable or {} for n in nodes]
