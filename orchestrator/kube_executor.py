@@ -41,14 +41,13 @@ from orchestrator.executor import (
     RanOn,
     starter_alive,
 )
-from orchestrator.hostfiles import CappedLog, redact, redactions
+from orchestrator.hostfiles import LINE_CAP_BYTES, CappedLog, StageLogSink, redactions
 from orchestrator.kube_spec import FETCH, MAIN, UPLOAD, Handoff, Placement, PodView
 from orchestrator.objectstore import ObjectStore
 from orchestrator.units import format_duration
 
 POLL_S = 0.25
 TAIL_LINES = 20
-LINE_CAP_BYTES = 64 * 1024
 ANNOTATION_RUN, ANNOTATION_PID, ANNOTATION_HOST = "dev.pipe/run", "dev.pipe/pid", "dev.pipe/host"
 API_FAULTS = (ApiException, OSError, urllib3.exceptions.HTTPError)
 FOREGROUND = "Foreground"
@@ -306,32 +305,17 @@ class KubernetesExecutor:
 
     def _stream(self, pod_name: str, spec: ContainerSpec, on_output: OutputSink, tail: deque[str]) -> None:
         """Pass main's output on line by line (`logs -f` through the API) until it ends; secrets redacted."""
-        hidden = redactions(spec.secrets)
         with CappedLog(spec.log_path) as log:
-
-            def emit(raw: bytes) -> None:
-                line = redact(raw, hidden).decode("utf-8", errors="replace").rstrip("\r")
-                tail.append(line)
-                log.write(line)
-                on_output(line)
-
-            rest = b""
+            sink = StageLogSink(log, redactions(spec.secrets), on_output, tail)
             try:
                 response = self._core.read_namespaced_pod_log(pod_name, self.namespace, container=MAIN,
                                                               follow=True, _preload_content=False)
                 for chunk in _chunks(response):
-                    *lines, rest = (rest + chunk).split(b"\n")
-                    for raw in lines:
-                        emit(raw)
-                    while len(rest) > LINE_CAP_BYTES + max(map(len, hidden), default=0):
-                        rest = redact(rest, hidden)
-                        emit(rest[:LINE_CAP_BYTES])
-                        rest = rest[LINE_CAP_BYTES:]
-                    log.flush()
+                    sink.feed(chunk)
+                    sink.flush()
             except API_FAULTS:
                 pass  # the pod went away (cancel, deadline): the status says what happened
-            if rest:
-                emit(rest)
+            sink.close()
 
     def _tail(self, pod_name: str, container: str) -> str:
         with suppress(*API_FAULTS):
