@@ -94,6 +94,14 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> k8s.Ap
     return api
 
 
+def _fault(error: BaseException) -> EngineError:
+    """One line for an API call that failed: what RBAC forbids (a 403 names the verb and resource), or why the
+    API server did not answer."""
+    if isinstance(error, ApiException) and error.status == 403:
+        return EngineError(f"RBAC forbids it: {_api_message(error)}")
+    return EngineError(f"kubernetes API unreachable: {_short(error)}")
+
+
 def _short(error: BaseException) -> str:
     if isinstance(error, ApiException):
         return f"{error.status} {_api_message(error)}"  # a 403 names the verb and resource RBAC forbids
@@ -165,7 +173,7 @@ class KubernetesExecutor:
             refused = "RBAC forbids it" if e.status == 403 else "kubernetes refused the job"
             return _result(Outcome.ERROR, None, f"{refused}: {_api_message(e)}", started_at)
         except API_FAULTS as e:
-            raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+            raise _fault(e) from e
         finally:
             with suppress(RemoteError):
                 self._store.delete(o.key for o in self._store.list(f"k8s/{name}/"))
@@ -379,7 +387,7 @@ def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callabl
                 delete_objects(batch, core, namespace, obj.metadata.name)
                 dead.add(run_id)
     except API_FAULTS as e:
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     return sorted(dead)
 
 
@@ -393,9 +401,9 @@ def capacity(api: k8s.ApiClient) -> tuple[float, int]:
     except ApiException as e:
         if e.status == 403:  # a namespace-only Role (docs/kubernetes.md): the cluster's size is unknown
             return UNKNOWN_CAPACITY
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     except API_FAULTS as e:
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     allocatable = [n.status.allocatable or {} for n in nodes]
     cpus: float = sum((float(quantity(a.get("cpu", "0"))) for a in allocatable), 0.0)
     memory: int = sum((int(quantity(a.get("memory", "0"))) for a in allocatable), 0)
@@ -407,7 +415,7 @@ def gpu_problem(api: k8s.ApiClient) -> str | None:
     try:
         nodes: list[Any] = k8s.CoreV1Api(api).list_node().items
     except API_FAULTS as e:
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     if any(int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) > 0 for n in nodes):
         return None
     return "no node of the cluster offers nvidia.com/gpu (install NVIDIA's device plugin), or set gpus: 0"

@@ -128,9 +128,9 @@ def kube_executor(cluster: dict[str, Any], pending_timeout_s: float = KUBE_PENDI
 def kube_harness(cluster: dict[str, Any], owner: str, pending_timeout_s: float = KUBE_PENDING_S) -> KubeHarness:
     import docker as sdk
 
-    if not NODE_DOCKER and REQUIRE_DOCKER:
+    if not NODE_DOCKER:  # the cluster is there (PIPE_TEST_KUBECONFIG), so this is a misconfiguration
         pytest.fail("PIPE_TEST_K8S_NODE_DOCKER is unset: scripts/test.sh passes the node's engine")
-    clients = [sdk.DockerClient(base_url=NODE_DOCKER)] if NODE_DOCKER else []  # pods' sandboxes carry their labels
+    clients = [sdk.DockerClient(base_url=NODE_DOCKER)]  # a pod's sandbox container carries the pod's labels
     return KubeHarness("kubernetes", kube_executor(cluster, pending_timeout_s), cluster["image"], owner,
                        clients=clients, removal_bound_s=KUBE_REMOVAL_BOUND_S, cluster=cluster)
 

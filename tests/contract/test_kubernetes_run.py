@@ -31,7 +31,7 @@ def test_pipeline_runs_on_the_cluster_then_cached_then_locally(
     first = pipe("run", path, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert sorted(p.read_text().strip() for p in tmp_path.rglob("size.txt")) == ["14"]
-    assert "HELLO CLUSTER" in first.stdout + pipe("logs", path, "report", env=env).stdout
+    assert "HELLO CLUSTER" in pipe("logs", "latest", "report", path, env=env).stdout
 
     again = pipe("run", path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
