@@ -165,8 +165,11 @@ class KubernetesBackend:
 
     def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
         from orchestrator import kube_executor
+        from orchestrator.objectstore import ObjectStore
 
-        return kube_executor.sweep_jobs(self._api, self._conf.namespace, owner, is_alive)
+        assert self._conf.handoff is not None, "spec.Executor requires it for kubernetes"
+        store = ObjectStore(self._conf.handoff, self._conf.endpoint)  # the dead attempts' hand-off objects too
+        return kube_executor.sweep_jobs(self._api, self._conf.namespace, owner, is_alive, store)
 
     def gpu_problem(self) -> str | None:
         from orchestrator import kube_executor

@@ -364,9 +364,11 @@ def delete_objects(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, n
                 raise
 
 
-def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
-    """The reaper: delete the Jobs and Secrets of pipeline `owner` whose run is not alive (found by label);
-    return those runs' ids, sorted. `is_alive` as for docker_executor.sweep_orphans."""
+def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callable[[str], bool | None],
+               store: ObjectStore | None = None) -> list[str]:
+    """The reaper: delete the Jobs and Secrets of pipeline `owner` whose run is not alive (found by label), and
+    each such attempt's hand-off objects (`k8s/<job>/` in `store`); return those runs' ids, sorted. `is_alive` as
+    for docker_executor.sweep_orphans."""
     batch: Any = k8s.BatchV1Api(api)
     core: Any = k8s.CoreV1Api(api)
     selector = kube_spec.owner_selector(owner)
@@ -385,6 +387,8 @@ def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callabl
                 alive[run_id] = starter_alive(notes.get(ANNOTATION_HOST), notes.get(ANNOTATION_PID)) if known is None else known
             if not alive[run_id]:
                 delete_objects(batch, core, namespace, obj.metadata.name)
+                if store is not None:
+                    store.delete(o.key for o in store.list(f"k8s/{obj.metadata.name}/"))
                 dead.add(run_id)
     except API_FAULTS as e:
         raise _fault(e) from e

@@ -89,3 +89,51 @@ def test_kube_context_picks_the_context_and_a_bad_one_is_one_line(
     local = pipe("run", path, "--executor", "local", "--kube-context", good, env=env)
     assert local.returncode == 2
     assert local.stderr.strip() == "error: --kube-context: the executor is local, not kubernetes"
+
+
+def test_a_killed_run_leaves_nothing_once_the_next_run_reaps_it(
+        cluster: dict[str, Any], make_pipeline: Callable[..., Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import yaml
+    from kubernetes import client as k8s
+
+    from orchestrator.kube_spec import owner_selector
+    from orchestrator.objectstore import ObjectStore
+    from tests.conftest import wait_for
+    from tests.e2e.helpers import start_pipe
+
+    executor = {"kind": "kubernetes", "namespace": cluster["namespace"], "handoff": "s3://pipe-handoff/killed/",
+                "endpoint": cluster["endpoint"], "pending_timeout": "60s"}
+    stage = {"image": "pipe-busybox:latest", "inputs": ["raw.txt"], "command": "echo started; sleep 300"}
+    path = make_pipeline({"executor": executor, "stages": {"long": stage}}, files={"raw.txt": "x\n"})
+    (tmp_path / "project").chmod(0o755)
+    monkeypatch.setenv("KUBECONFIG", cluster["kubeconfig"])
+    batch, core, ns = k8s.BatchV1Api(cluster["api"]), k8s.CoreV1Api(cluster["api"]), cluster["namespace"]
+    sel = owner_selector(str(path.parent / "runs"))
+    store = ObjectStore("s3://pipe-handoff/killed/", cluster["endpoint"])
+
+    running = start_pipe("run", path)
+    try:
+        wait_for(lambda: any(p.status.phase == "Running"
+                             for p in core.list_namespaced_pod(ns, label_selector=sel).items), 120, "the stage's pod")
+    finally:
+        running.send_signal(signal.SIGKILL)  # no cleanup of its own: the Job, pod, Secret and input tar remain
+        running.wait(30)
+    assert batch.list_namespaced_job(ns, label_selector=sel).items
+    assert core.list_namespaced_secret(ns, label_selector=sel).items
+    assert any(o.key.endswith("/in-0.tar") for o in store.list("k8s/"))
+
+    doc = yaml.safe_load(path.read_text())
+    doc["stages"]["long"]["command"] = "echo quick"
+    path.write_text(yaml.safe_dump(doc))
+    after = pipe("run", path)
+    assert after.returncode == 0, after.stdout + after.stderr
+
+    def nothing_left() -> bool:
+        return not (batch.list_namespaced_job(ns, label_selector=sel).items
+                    or core.list_namespaced_pod(ns, label_selector=sel).items
+                    or core.list_namespaced_secret(ns, label_selector=sel).items or store.list("k8s/"))
+
+    wait_for(nothing_left, 60, "no Job, pod, Secret or hand-off object of the killed run")
