@@ -245,10 +245,11 @@ class KubernetesExecutor:
             failure, pod_name, view = self._look(name)
             if failure == "DeadlineExceeded":
                 return _timeout(spec, started_at)
+            if view is not None and view.main_exit is not None:
+                break  # a failed main fails the Job too (BackoffLimitExceeded): its exit code says more
             if failure is not None or not pod_name:
                 return _result(Outcome.ERROR, None, f"pod vanished ({failure or 'deleted outside pipe'})", started_at)
-            if view is None or view.main_exit is None:
-                time.sleep(POLL_S)
+            time.sleep(POLL_S)
         exit_code = int(view.main_exit)
         outcome, reason = classify(exit_code, {"OOMKilled": view.main_reason == "OOMKilled"},
                                    memory_bytes=spec.memory_bytes, timed_out=failure == "DeadlineExceeded",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def test_the_example_runs_on_the_cluster_then_cached_then_locally_as_remote_hits
     spec.pop("serve")  # serving is the local engine's (issue 18), not this test's
     spec["executor"] = {"kind": "kubernetes", "namespace": cluster["namespace"], "handoff": "s3://pipe-handoff/ex/",
                         "endpoint": cluster["endpoint"], "pending_timeout": "120s"}
-    spec["remote"] = {"url": "s3://pipe-handoff/team/", "endpoint": cluster["endpoint"]}
+    spec["remote"] = {"url": f"s3://pipe-handoff/team-{uuid.uuid4().hex[:8]}/", "endpoint": cluster["endpoint"]}
     example.write_text(yaml.safe_dump(spec, sort_keys=False))
     tmp_path.chmod(0o755)
     (tmp_path / "project").chmod(0o755)
