@@ -66,6 +66,7 @@ class RunRequest:
     docker_url: str | None = None
     gate: bool = True  # False: --no-gate, the gates are not checked (recorded as a warning)
     executor: Literal["local", "swarm", "kubernetes"] | None = None  # --executor; None: the file's executor.kind
+    kube_context: str | None = None  # --kube-context; None: the file's executor.context (or the current one)
 
 
 @dataclass
@@ -255,7 +256,7 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     local = backend is None and (request.executor or pipeline.executor.kind) == "local"
     view = _socket_view(request.docker_url) if local else None
     if view is None:
-        backend = backend or backend_for(pipeline, request.docker_url, request.executor)
+        backend = backend or backend_for(pipeline, request.docker_url, request.executor, request.kube_context)
     with read_store(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
         memo_path = prepared.loaded.state.images_memo
@@ -295,7 +296,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
 
     cancel = cancel or Cancel()
     prepared = prepare(request)
-    backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor)
+    backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor, request.kube_context)
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
     caches = sharing.cache_store(pipeline, state, fetch=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from orchestrator.errors import UsageError
 from orchestrator.events import BuildEvents
 from orchestrator.executor import Executor
 from orchestrator.hashing import HashMemo
@@ -95,15 +96,22 @@ class DockerBackend:
         return docker_executor.pod_image(self._client, image)
 
 
-def backend_for(pipeline: Pipeline, docker_url: str | None = None, kind: str | None = None) -> Backend:
+def backend_for(pipeline: Pipeline, docker_url: str | None = None, kind: str | None = None,
+                kube_context: str | None = None) -> Backend:
     """The engine the pipeline's `executor:` names, or `kind` (`--executor`), which must then find the fields it
-    needs in that block (a swarm's registry and store, a cluster's hand-off)."""
+    needs in that block (a swarm's registry and store, a cluster's hand-off). `kube_context` (`--kube-context`)
+    replaces `executor.context`; only for the kubernetes executor."""
     config = pipeline.executor
     if kind is not None and kind != config.kind:
         try:
             config = type(config).model_validate({**config.model_dump(), "kind": kind})
         except ValueError as e:
             raise pipeline.error("executor", f"--executor {kind}: {e}".splitlines()[0]) from e
+        pipeline = pipeline.model_copy(update={"executor": config}).with_source(pipeline.source)
+    if kube_context is not None:
+        if config.kind != "kubernetes":
+            raise UsageError(f"--kube-context: the executor is {config.kind}, not kubernetes")
+        config = config.model_copy(update={"context": kube_context})
         pipeline = pipeline.model_copy(update={"executor": config}).with_source(pipeline.source)
     if config.kind == "kubernetes":
         return KubernetesBackend(pipeline, docker_url)
@@ -157,8 +165,11 @@ class KubernetesBackend:
 
     def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
         from orchestrator import kube_executor
+        from orchestrator.objectstore import ObjectStore
 
-        return kube_executor.sweep_jobs(self._api, self._conf.namespace, owner, is_alive)
+        assert self._conf.handoff is not None, "spec.Executor requires it for kubernetes"
+        store = ObjectStore(self._conf.handoff, self._conf.endpoint)  # the dead attempts' hand-off objects too
+        return kube_executor.sweep_jobs(self._api, self._conf.namespace, owner, is_alive, store)
 
     def gpu_problem(self) -> str | None:
         from orchestrator import kube_executor

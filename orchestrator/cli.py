@@ -53,13 +53,12 @@ def run(
     trigger: Annotated[str, typer.Option("--trigger", help="Recorded in history: manual or schedule.")] = "manual",
     plain: Annotated[bool, typer.Option("--plain", help="Plain log lines even on a terminal.")] = False,
     executor: Annotated[str | None, typer.Option("--executor", help="local, swarm or kubernetes (default: the file's executor.kind).")] = None,
+    kube_context: Annotated[str | None, typer.Option("--kube-context", help="The kubeconfig context (kubernetes executor; default: executor.context, else the current one).")] = None,
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run the pipeline; stages whose cache key is known are restored, not re-run."""
-    if executor not in (None, "local", "swarm"):
-        raise UsageError(f"--executor: {executor!r} is not local or swarm")
     from orchestrator.units import parse_duration
 
     try:
@@ -71,7 +70,7 @@ def run(
         selection=Selection(stage=stage, from_stage=from_stage),
         jobs=jobs, keep_going=keep_going, force=True if force_all else frozenset(force or ()),
         gate=not no_gate, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=api.parse_trigger(trigger) or "manual",
-        executor=api.parse_executor(executor),
+        executor=api.parse_executor(executor), kube_context=kube_context,
     )
     if dry_run:
         forecast = api.dry_run(request)

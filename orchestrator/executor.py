@@ -95,6 +95,7 @@ class ExecResult:
     cpu_seconds: float | None = None
     disk_full: bool = False  # it failed because a disk filled up (its outputs are then removed)
     ran_on: RanOn | None = None  # None when no attempt reached a node (cancelled before, refused)
+    warnings: tuple[str, ...] = ()  # what the sandbox lacked on this executor (kube_spec.sandbox_gaps), for history
 
     @property
     def duration_s(self) -> float:

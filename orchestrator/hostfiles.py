@@ -1,5 +1,6 @@
 """What a stage's container needs and leaves on the host, without Docker: its secrets as files on a tmpfs, the
-redaction of their values from its output, and its stored log, capped in size (issue 6).
+redaction of their values from its output, and its stored log, capped in size (issue 6); StageLogSink puts the
+three together for an executor that receives the output as chunks.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Self
@@ -16,6 +17,7 @@ from orchestrator.executor import SecretFile
 from orchestrator.units import format_bytes
 
 LOG_CAP_BYTES = 10 * 1024**2  # the stored log per attempt; the terminal still sees every line
+LINE_CAP_BYTES = 64 * 1024  # a longer "line" is passed on in pieces, so memory stays bounded
 MIN_SECRET_LINE = 4  # shorter lines of a multi-line secret are not redacted
 
 
@@ -134,6 +136,55 @@ class CappedLog:
             self._file.flush()
         except OSError:  # the disk is full: as in write
             self._truncated = True
+
+
+class StageLogSink:
+    """A stage's output as it arrives, in chunks cut anywhere, turned into lines: each redacted (a secret split
+    across two chunks too), then kept in `tail`, appended to the capped log and passed to `on_output`. A line
+    longer than LINE_CAP_BYTES is passed on in pieces, cut only where no secret can straddle the cut (the
+    longest secret's length is held back). `streams` partial lines are kept apart (stdout, stderr).
+
+        with CappedLog(path) as log:
+            sink = StageLogSink(log, redactions(spec.secrets), on_output, tail)
+            for chunk in chunks: sink.feed(chunk)   # then sink.flush() whenever a read returns
+            sink.close()                             # the last partial lines
+    """
+
+    def __init__(self, log: CappedLog, secrets: Sequence[bytes], on_output: Callable[[str], None],
+                 tail: MutableSequence[str] | None = None, streams: int = 1) -> None:
+        self._log, self._secrets, self._on_output, self._tail = log, secrets, on_output, tail
+        self._hold = max(map(len, secrets), default=0)
+        self._partial = [b""] * streams
+
+    def _emit(self, raw: bytes) -> None:
+        line = redact(raw, self._secrets).decode("utf-8", errors="replace").rstrip("\r")
+        if self._tail is not None:
+            self._tail.append(line)
+        self._log.write(line)
+        self._on_output(line)
+
+    def feed(self, chunk: bytes, stream: int = 0) -> None:
+        if not chunk:
+            return
+        *lines, rest = (self._partial[stream] + chunk).split(b"\n")
+        for raw in lines:
+            self._emit(raw)
+        while len(rest) > LINE_CAP_BYTES + self._hold:  # a secret begun before the cut is whole in rest
+            rest = redact(rest, self._secrets)
+            self._emit(rest[:LINE_CAP_BYTES])
+            rest = rest[LINE_CAP_BYTES:]
+        self._partial[stream] = rest
+
+    def flush(self) -> None:
+        """Make what was written so far visible to `pipe logs -f` (per read, not per line)."""
+        self._log.flush()
+
+    def close(self) -> None:
+        """Pass on each stream's last line, which had no newline."""
+        for i, rest in enumerate(self._partial):
+            if rest:
+                self._emit(rest)
+            self._partial[i] = b""
 
 
 def host_memory_bytes() -> int:

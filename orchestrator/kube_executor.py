@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchestrator import kube_spec
 from orchestrator.docker_executor import classify, filled_disk
-from orchestrator.errors import EngineError, RemoteError
+from orchestrator.errors import EngineError, RemoteError, UsageError
 from orchestrator.executor import (
     LABEL_HOST,
     LABEL_PID,
@@ -41,17 +41,19 @@ from orchestrator.executor import (
     RanOn,
     starter_alive,
 )
-from orchestrator.hostfiles import CappedLog, redact, redactions
+from orchestrator.hostfiles import LINE_CAP_BYTES, CappedLog, StageLogSink, redactions
 from orchestrator.kube_spec import FETCH, MAIN, UPLOAD, Handoff, Placement, PodView
 from orchestrator.objectstore import ObjectStore
 from orchestrator.units import format_duration
 
 POLL_S = 0.25
 TAIL_LINES = 20
-LINE_CAP_BYTES = 64 * 1024
 ANNOTATION_RUN, ANNOTATION_PID, ANNOTATION_HOST = "dev.pipe/run", "dev.pipe/pid", "dev.pipe/host"
 API_FAULTS = (ApiException, OSError, urllib3.exceptions.HTTPError)
 FOREGROUND = "Foreground"
+# without `list` on nodes: one stage at a time by default (--jobs and each stage's cpus still apply), never more
+# than one cpu's worth of caps at once, so pods do not wait for a cluster pipe cannot see (docs/kubernetes.md)
+UNKNOWN_CAPACITY = (1.0, 1 << 62)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,17 @@ class KubeSettings:
 
 
 def connect(context: str | None = None, kubeconfig: str | None = None) -> k8s.ApiClient:
-    """An API client from the standard kubeconfig chain (KUBECONFIG, ~/.kube/config) that answered /version."""
+    """An API client from the standard kubeconfig chain (KUBECONFIG, ~/.kube/config) that answered /version.
+    A context the kubeconfig does not have is bad input (UsageError); one that does not answer an EngineError."""
+    if context is not None:
+        try:
+            contexts, _ = k8s_config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException as e:
+            raise EngineError(f"kubeconfig unreadable: {_short(e)}") from e
+        names = sorted(str(c.get("name")) for c in contexts or ())
+        if context not in names:
+            raise UsageError(f"kubernetes context {context!r} is not in the kubeconfig (it has: "
+                             f"{', '.join(names) or 'none'})")
     try:
         configuration = k8s.Configuration()
         k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
@@ -82,9 +94,17 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> k8s.Ap
     return api
 
 
+def _fault(error: BaseException) -> EngineError:
+    """One line for an API call that failed: what RBAC forbids (a 403 names the verb and resource), or why the
+    API server did not answer."""
+    if isinstance(error, ApiException) and error.status == 403:
+        return EngineError(f"RBAC forbids it: {_api_message(error)}")
+    return EngineError(f"kubernetes API unreachable: {_short(error)}")
+
+
 def _short(error: BaseException) -> str:
     if isinstance(error, ApiException):
-        return f"{error.status} {error.reason}"
+        return f"{error.status} {_api_message(error)}"  # a 403 names the verb and resource RBAC forbids
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -105,6 +125,7 @@ class KubernetesExecutor:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._cancelled: set[str] = set()
+        self._never_started: set[str] = set()  # attempts whose main container never ran
         self._stop_requests = 0
 
     @property
@@ -135,18 +156,24 @@ class KubernetesExecutor:
                 self._core.create_namespaced_secret(self.namespace, secret)
                 self._batch.create_namespaced_job(self.namespace, job)
                 result = self._supervise(name, spec, handoff, on_output)
-                return replace(result, ran_on=RanOn("kubernetes", self._node_of(name), name))
+                return replace(result, ran_on=RanOn("kubernetes", self._node_of(name), name),
+                               warnings=(kube_spec.sandbox_warning(spec),))
             finally:
                 with self._lock:
                     self._running.discard(name)
                     self._cancelled.discard(name)
-                self._delete(name)
+                    never_started = name in self._never_started
+                    self._never_started.discard(name)
+                # a pod that never started (ErrImageNeverPull, ...) has nothing to stop gracefully, and the
+                # kubelet takes ~40 s to get to it (its sync backoff): removed at once
+                self._delete(name, 0 if never_started else None)
         except RemoteError as e:
             return _result(Outcome.ERROR, None, f"object store hand-off failed: {e}", started_at)
         except ApiException as e:
-            return _result(Outcome.ERROR, None, f"kubernetes refused the job: {_api_message(e)}", started_at)
+            refused = "RBAC forbids it" if e.status == 403 else "kubernetes refused the job"
+            return _result(Outcome.ERROR, None, f"{refused}: {_api_message(e)}", started_at)
         except API_FAULTS as e:
-            raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+            raise _fault(e) from e
         finally:
             with suppress(RemoteError):
                 self._store.delete(o.key for o in self._store.list(f"k8s/{name}/"))
@@ -188,6 +215,8 @@ class KubernetesExecutor:
         started_at = _now()
         pending_until = time.monotonic() + self._settings.pending_timeout_s
         view, failure, pod_name = None, None, ""
+        with self._lock:
+            self._never_started.add(name)
         while True:  # until main has started (or the attempt cannot start)
             if self._is_cancelled(name):
                 return _result(Outcome.CANCELLED, None, "cancelled", started_at)
@@ -198,6 +227,8 @@ class KubernetesExecutor:
                 return _result(Outcome.ERROR, None, f"fetching inputs failed: {self._tail(pod_name, FETCH)}",
                                started_at)
             if view is not None and view.main_started:
+                with self._lock:
+                    self._never_started.discard(name)
                 break
             if failure is not None:
                 return _result(Outcome.ERROR, None, f"job failed before the stage started: {failure}", started_at)
@@ -214,10 +245,11 @@ class KubernetesExecutor:
             failure, pod_name, view = self._look(name)
             if failure == "DeadlineExceeded":
                 return _timeout(spec, started_at)
+            if view is not None and view.main_exit is not None:
+                break  # a failed main fails the Job too (BackoffLimitExceeded): its exit code says more
             if failure is not None or not pod_name:
                 return _result(Outcome.ERROR, None, f"pod vanished ({failure or 'deleted outside pipe'})", started_at)
-            if view is None or view.main_exit is None:
-                time.sleep(POLL_S)
+            time.sleep(POLL_S)
         exit_code = int(view.main_exit)
         outcome, reason = classify(exit_code, {"OOMKilled": view.main_reason == "OOMKilled"},
                                    memory_bytes=spec.memory_bytes, timed_out=failure == "DeadlineExceeded",
@@ -282,32 +314,17 @@ class KubernetesExecutor:
 
     def _stream(self, pod_name: str, spec: ContainerSpec, on_output: OutputSink, tail: deque[str]) -> None:
         """Pass main's output on line by line (`logs -f` through the API) until it ends; secrets redacted."""
-        hidden = redactions(spec.secrets)
         with CappedLog(spec.log_path) as log:
-
-            def emit(raw: bytes) -> None:
-                line = redact(raw, hidden).decode("utf-8", errors="replace").rstrip("\r")
-                tail.append(line)
-                log.write(line)
-                on_output(line)
-
-            rest = b""
+            sink = StageLogSink(log, redactions(spec.secrets), on_output, tail)
             try:
                 response = self._core.read_namespaced_pod_log(pod_name, self.namespace, container=MAIN,
                                                               follow=True, _preload_content=False)
                 for chunk in _chunks(response):
-                    *lines, rest = (rest + chunk).split(b"\n")
-                    for raw in lines:
-                        emit(raw)
-                    while len(rest) > LINE_CAP_BYTES + max(map(len, hidden), default=0):
-                        rest = redact(rest, hidden)
-                        emit(rest[:LINE_CAP_BYTES])
-                        rest = rest[LINE_CAP_BYTES:]
-                    log.flush()
+                    sink.feed(chunk)
+                    sink.flush()
             except API_FAULTS:
                 pass  # the pod went away (cancel, deadline): the status says what happened
-            if rest:
-                emit(rest)
+            sink.close()
 
     def _tail(self, pod_name: str, container: str) -> str:
         with suppress(*API_FAULTS):
@@ -331,19 +348,28 @@ class KubernetesExecutor:
 
 def delete_objects(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, name: str,
                    grace: int | None = None) -> None:
-    """Delete an attempt's Job with its pods (Foreground propagation) and its Secret; gone already is fine."""
+    """Delete an attempt's Job with its pods (Foreground propagation) and its Secret; gone already is fine.
+    grace 0: the pods are deleted at once too (propagation gives them their own grace period)."""
     body = k8s.V1DeleteOptions(propagation_policy=FOREGROUND, grace_period_seconds=grace)
-    for delete in (batch.delete_namespaced_job, core.delete_namespaced_secret):
+    deletes: list[tuple[Callable[..., Any], str]] = [(batch.delete_namespaced_job, name)]
+    if grace == 0:
+        with suppress(ApiException):
+            pods: list[Any] = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+            deletes += [(core.delete_namespaced_pod, str(p.metadata.name)) for p in pods]
+    deletes.append((core.delete_namespaced_secret, name))
+    for delete, target in deletes:
         try:
-            delete(name, namespace, body=body)
+            delete(target, namespace, body=body)
         except ApiException as e:
             if e.status != 404:
                 raise
 
 
-def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
-    """The reaper: delete the Jobs and Secrets of pipeline `owner` whose run is not alive (found by label);
-    return those runs' ids, sorted. `is_alive` as for docker_executor.sweep_orphans."""
+def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callable[[str], bool | None],
+               store: ObjectStore | None = None) -> list[str]:
+    """The reaper: delete the Jobs and Secrets of pipeline `owner` whose run is not alive (found by label), and
+    each such attempt's hand-off objects (`k8s/<job>/` in `store`); return those runs' ids, sorted. `is_alive` as
+    for docker_executor.sweep_orphans."""
     batch: Any = k8s.BatchV1Api(api)
     core: Any = k8s.CoreV1Api(api)
     selector = kube_spec.owner_selector(owner)
@@ -362,9 +388,11 @@ def sweep_jobs(api: k8s.ApiClient, namespace: str, owner: str, is_alive: Callabl
                 alive[run_id] = starter_alive(notes.get(ANNOTATION_HOST), notes.get(ANNOTATION_PID)) if known is None else known
             if not alive[run_id]:
                 delete_objects(batch, core, namespace, obj.metadata.name)
+                if store is not None:
+                    store.delete(o.key for o in store.list(f"k8s/{obj.metadata.name}/"))
                 dead.add(run_id)
     except API_FAULTS as e:
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     return sorted(dead)
 
 
@@ -375,8 +403,12 @@ def capacity(api: k8s.ApiClient) -> tuple[float, int]:
     quantity: Callable[[str], Any] = parse_quantity
     try:
         nodes: list[Any] = k8s.CoreV1Api(api).list_node().items
+    except ApiException as e:
+        if e.status == 403:  # a namespace-only Role (docs/kubernetes.md): the cluster's size is unknown
+            return UNKNOWN_CAPACITY
+        raise _fault(e) from e
     except API_FAULTS as e:
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     allocatable = [n.status.allocatable or {} for n in nodes]
     cpus: float = sum((float(quantity(a.get("cpu", "0"))) for a in allocatable), 0.0)
     memory: int = sum((int(quantity(a.get("memory", "0"))) for a in allocatable), 0)
@@ -388,7 +420,7 @@ def gpu_problem(api: k8s.ApiClient) -> str | None:
     try:
         nodes: list[Any] = k8s.CoreV1Api(api).list_node().items
     except API_FAULTS as e:
-        raise EngineError(f"kubernetes API unreachable: {_short(e)}") from e
+        raise _fault(e) from e
     if any(int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) > 0 for n in nodes):
         return None
     return "no node of the cluster offers nvidia.com/gpu (install NVIDIA's device plugin), or set gpus: 0"

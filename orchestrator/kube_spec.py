@@ -30,6 +30,14 @@ AGENT_CPU = "100m"
 AGENT_MEMORY = 256 * 1024**2
 GO_POLL_S = 0.5
 NOBODY = 65534
+# What the local sandbox gives that a pod cannot get through the stable API: said with each attempt's result
+# (ExecResult.warnings, recorded in history and printed), never silent (docs/kubernetes.md, "Not enforced")
+GAPS = {
+    "init": "an init process (no pod field for one: the stage's command is PID 1 and reaps no stray children)",
+    "network": "network isolation (network: false; a pod always has the cluster's network: only a NetworkPolicy "
+               "of the cluster confines it)",
+    "pids": "a pids limit (no pod field for one: the kubelet's --pod-max-pids is node-wide)",
+}
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
@@ -56,6 +64,16 @@ class Handoff:
         flags = [f for m, f in zip(spec.mounts, is_file, strict=True) if m.read_only]
         return Handoff(ins, tuple(m for m in spec.mounts if not m.read_only),
                        frozenset(i for i, f in enumerate(flags) if f))
+
+
+def sandbox_gaps(spec: ContainerSpec) -> tuple[str, ...]:
+    """The GAPS keys that apply to `spec`: what its sandbox lacks as a pod."""
+    return ("init", *(() if spec.network else ("network",)), *(("pids",) if spec.pids is not None else ()))
+
+
+def sandbox_warning(spec: ContainerSpec) -> str:
+    """One line: what `spec`'s sandbox lacks on Kubernetes."""
+    return "on kubernetes the stage runs without " + "; ".join(GAPS[g] for g in sandbox_gaps(spec))
 
 
 def label_value(text: str) -> str:

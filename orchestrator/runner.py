@@ -141,10 +141,13 @@ class StageRunner:
             peak_memory_bytes=result.peak_memory_bytes,
             cpu_seconds=result.cpu_seconds,
             ran_on=result.ran_on,
+            warnings=tuple(f"{name}: {w}" for w in result.warnings),
             log_path=str(spec.log_path),
             outputs_path=str(out),
             ingredients_json=ingredients.to_json(),
         )
+        for warning in base.warnings:  # never silent: what this executor could not enforce
+            self.reporter.emit(Notice(warning))
         if result.outcome is Outcome.CANCELLED:
             remove_outputs(out)  # partial outputs of an interrupted stage are discarded
             return replace(base, status=StageStatus.CANCELLED)
@@ -156,7 +159,7 @@ class StageRunner:
         if changed:
             warning = f"{name}: input {', '.join(changed)} changed while the stage ran; its outputs are not cached"
             self.reporter.emit(Notice(warning))
-            base = replace(base, warnings=(warning,), cache_key=None, ingredients_json=None)
+            base = replace(base, warnings=(*base.warnings, warning), cache_key=None, ingredients_json=None)
         result_ok = self._succeeded(name, base, out, key if stage.cache and not changed else None, ingredients)
         if result_ok.status is StageStatus.SUCCEEDED and reasons:
             result_ok = replace(result_ok, reason=f"ran: {reasons}")

@@ -26,4 +26,5 @@ K8S_STATE=$(mktemp -d /tmp/pipe-k8s.XXXX); CLEANUP+=("bash scripts/k8s/down.sh $
 bash scripts/k8s/up.sh "$K8S_STATE" >/dev/null
 python3 -m pytest -m "not k8s" "$@"
 (set -a; . "$K8S_STATE/env"; ip netns exec "$K8S_NS" env PIPE_TEST_KUBECONFIG="$KUBECONFIG" \
-   PIPE_TEST_K8S_S3_ENDPOINT="$PIPE_K8S_S3_ENDPOINT" PIPE_TEST_K8S_S3_URL="$PIPE_K8S_S3_URL" python3 -m pytest -m k8s "$@")
+   PIPE_TEST_K8S_S3_ENDPOINT="$PIPE_K8S_S3_ENDPOINT" PIPE_TEST_K8S_S3_URL="$PIPE_K8S_S3_URL" \
+   PIPE_TEST_K8S_NODE_DOCKER="$PRIVATE_DOCKER_HOST" python3 -m pytest -m k8s "$@")

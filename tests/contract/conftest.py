@@ -4,8 +4,10 @@ the private 3-node swarm of scripts/cluster.sh (PIPE_TEST_SWARM_HOST; in CI, scr
 A Harness runs ContainerSpecs and answers what the tests ask of an engine: the image to use, the containers
 of a test left on any node, the cgroup a stage saw. Nothing skips under PIPE_REQUIRE_DOCKER (CI).
 
-The kubernetes test cluster is a session fixture too (`cluster`: scripts/k8s/up.sh; scripts/test.sh runs the k8s
-tests inside its network namespace with PIPE_TEST_KUBECONFIG and PIPE_TEST_K8S_S3_ENDPOINT set)."""
+The third parameter, `kubernetes` (marker k8s), runs the same cases as batch/v1 Jobs on the test cluster
+(`cluster`: scripts/k8s/up.sh; scripts/test.sh runs the k8s tests inside its network namespace with
+PIPE_TEST_KUBECONFIG, PIPE_TEST_K8S_S3_ENDPOINT and PIPE_TEST_K8S_NODE_DOCKER, the node's engine, set). What a pod
+cannot get (kube_spec.GAPS) a case asserts as the documented warning instead (Harness.enforces, Harness.warned)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ SWARM_REGISTRY = os.environ.get("PIPE_TEST_SWARM_REGISTRY", "")
 SWARM_S3_NODE = os.environ.get("PIPE_TEST_SWARM_S3_NODE_ENDPOINT", "")
 SWARM_HANDOFF = os.environ.get("PIPE_TEST_SWARM_HANDOFF_DIR", "")
 REMOVAL_BOUND_S = 15  # how long a node may take to remove the container of a removed service
+KUBE_REMOVAL_BOUND_S = 60  # a deleted Job's pods: their grace period (10 s), then Foreground propagation
+KUBE_PENDING_S = 20  # the harness's pending deadline: a pod of a missing image fails after this
+NODE_DOCKER = os.environ.get("PIPE_TEST_K8S_NODE_DOCKER", "")  # the kubelet's engine (pods' sandboxes are on it)
 
 
 @dataclass
@@ -46,6 +51,15 @@ class Harness:
     owner: str  # LABEL_PIPELINE of this test's specs
     clients: list[Any] = field(default_factory=list)  # every engine a container may land on
     manager: Any = None
+    removal_bound_s: float = REMOVAL_BOUND_S
+
+    def enforces(self, what: str) -> bool:
+        """Whether this executor gives the sandbox feature `what` (a key of kube_spec.GAPS)."""
+        return True
+
+    def warned(self, result: ExecResult, what: str) -> bool:
+        """Whether `result` carries the documented warning that `what` is not enforced."""
+        return False
 
     def spec(self, name: str, command: str, **kwargs: Any) -> ContainerSpec:
         labels = {LABEL_MANAGED: "1", LABEL_PIPELINE: self.owner, LABEL_RUN: "r1", LABEL_STAGE: name}
@@ -70,6 +84,55 @@ class Harness:
             for node_dir in sorted(Path(SWARM_HANDOFF).parent.glob("local-n*")):  # the nodes' hand-off folders
                 found += [f"hand-off folder {p}" for p in node_dir.iterdir()]
         return found
+
+
+@dataclass
+class KubeHarness(Harness):
+    """The kubernetes executor on the test cluster: leftovers are the Jobs, pods and Secrets of this test's owner
+    and any hand-off object of an attempt (each attempt deletes its own `k8s/<job>/`)."""
+
+    cluster: dict[str, Any] = field(default_factory=dict)
+
+    def enforces(self, what: str) -> bool:
+        from orchestrator.kube_spec import GAPS
+
+        return what not in GAPS
+
+    def warned(self, result: ExecResult, what: str) -> bool:
+        from orchestrator.kube_spec import GAPS
+
+        return any(GAPS[what] in w for w in result.warnings)
+
+    def leftovers(self) -> list[str]:
+        from kubernetes import client as k8s
+
+        from orchestrator.kube_spec import owner_selector
+
+        api, ns, sel = self.cluster["api"], self.cluster["namespace"], owner_selector(self.owner)
+        found = [f"job {j.metadata.name}" for j in k8s.BatchV1Api(api).list_namespaced_job(ns, label_selector=sel).items]
+        core = k8s.CoreV1Api(api)
+        found += [f"pod {p.metadata.name}" for p in core.list_namespaced_pod(ns, label_selector=sel).items]
+        found += [f"secret {s.metadata.name}" for s in core.list_namespaced_secret(ns, label_selector=sel).items]
+        found += [f"object {o.key}" for o in self.cluster["store"].list("k8s/")]
+        return found
+
+
+def kube_executor(cluster: dict[str, Any], pending_timeout_s: float = KUBE_PENDING_S) -> Any:
+    from orchestrator.kube_executor import KubernetesExecutor, KubeSettings
+
+    settings = KubeSettings(namespace=cluster["namespace"], handoff_url=cluster["store_url"],
+                            agent_image=cluster["image"], pending_timeout_s=pending_timeout_s)
+    return KubernetesExecutor(cluster["api"], settings, cluster["store"])
+
+
+def kube_harness(cluster: dict[str, Any], owner: str, pending_timeout_s: float = KUBE_PENDING_S) -> KubeHarness:
+    import docker as sdk
+
+    if not NODE_DOCKER:  # the cluster is there (PIPE_TEST_KUBECONFIG), so this is a misconfiguration
+        pytest.fail("PIPE_TEST_K8S_NODE_DOCKER is unset: scripts/test.sh passes the node's engine")
+    clients = [sdk.DockerClient(base_url=NODE_DOCKER)]  # a pod's sandbox container carries the pod's labels
+    return KubeHarness("kubernetes", kube_executor(cluster, pending_timeout_s), cluster["image"], owner,
+                       clients=clients, removal_bound_s=KUBE_REMOVAL_BOUND_S, cluster=cluster)
 
 
 def _swarm_required() -> None:
@@ -101,7 +164,7 @@ def swarm_backend(s3: Any, tmp_path: Path, **executor: Any) -> Any:
     return SwarmBackend(pipeline)
 
 
-@pytest.fixture(params=["local", "swarm"])
+@pytest.fixture(params=["local", "swarm", pytest.param("kubernetes", marks=pytest.mark.k8s)])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     owner = str(tmp_path)
     if request.param == "local":
@@ -109,6 +172,8 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         from orchestrator.docker_executor import DockerExecutor
 
         h = Harness("local", DockerExecutor(docker), BUSYBOX, owner, clients=[docker])
+    elif request.param == "kubernetes":
+        h = kube_harness(request.getfixturevalue("cluster"), owner)
     else:
         import docker as sdk
 
@@ -123,11 +188,11 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
     from tests.conftest import wait_for
 
     try:
-        wait_for(lambda: not h.leftovers(), timeout=REMOVAL_BOUND_S, what="no containers left on any node")
+        wait_for(lambda: not h.leftovers(), timeout=h.removal_bound_s, what="no containers left on any node")
     except AssertionError:
         pass
     leftovers = h.leftovers()
-    for client in h.clients:  # never leave a failed test's containers behind
+    for client in h.clients if h.kind != "kubernetes" else ():  # never leave a failed test's containers behind
         for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
             c.remove(force=True)
     assert leftovers == [], f"left behind: {leftovers}"
@@ -165,8 +230,9 @@ def cluster() -> Iterator[dict[str, Any]]:
                                  for a in core.list_namespaced_service_account(namespace).items))
     image = subprocess.check_output(["docker", "image", "inspect", "-f", "{{.Id}}", "pipe-busybox:latest"],
                                     text=True).strip()
-    yield {"api": api, "namespace": namespace, "image": image,
-           "store": ObjectStore(os.environ.get("PIPE_TEST_K8S_S3_URL", "s3://pipe-handoff/"), endpoint)}
+    store_url = os.environ.get("PIPE_TEST_K8S_S3_URL", "s3://pipe-handoff/")
+    yield {"api": api, "namespace": namespace, "image": image, "store": ObjectStore(store_url, endpoint),
+           "store_url": store_url, "kubeconfig": kubeconfig, "endpoint": endpoint}
     core.delete_namespace(namespace)
 
 

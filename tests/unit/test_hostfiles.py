@@ -65,3 +65,26 @@ def testsecrets_dir_is_removed_when_writing_fails(monkeypatch: pytest.MonkeyPatc
 def test_no_secrets_means_no_folder() -> None:
     with secrets_dir((), None) as inner:
         assert inner is None
+
+
+def test_the_stage_log_sink_redacts_a_secret_split_across_chunks_and_cuts_long_lines(tmp_path: Path) -> None:
+    from orchestrator.hostfiles import LINE_CAP_BYTES, CappedLog, StageLogSink
+
+    seen: list[str] = []
+    tail: list[str] = []
+    secret = b"hunter2-the-token"
+    with CappedLog(tmp_path / "s.log") as log:
+        sink = StageLogSink(log, [secret], seen.append, tail, streams=2)
+        for chunk in (b"first line\nthe key is hun", b"ter2-the-", b"token, ok\nno newline"):
+            sink.feed(chunk)
+        sink.feed(b"err", stream=1)
+        long = b"x" * (LINE_CAP_BYTES - 3) + secret + b"y" * 10  # the secret straddles the cap
+        sink.feed(long[:LINE_CAP_BYTES])
+        sink.feed(long[LINE_CAP_BYTES:])
+        sink.close()
+    assert seen[:2] == ["first line", "the key is ***, ok"]
+    assert tail == seen and "hunter2" not in "".join(seen)
+    assert seen[-1] == "err"  # stderr's partial line, kept apart from stdout's
+    assert all(len(line) <= LINE_CAP_BYTES + len(secret) for line in seen)
+    assert "hunter2" not in (tmp_path / "s.log").read_text()
+    assert "".join(seen[2:]).replace("err", "") == "no newline" + "x" * (LINE_CAP_BYTES - 3) + "***" + "y" * 10

@@ -120,3 +120,20 @@ def test_job_failure_and_event_reason() -> None:
     events = [{"type": "Normal", "reason": "Scheduled", "lastTimestamp": "2"},
               {"type": "Warning", "reason": "FailedCreatePodSandBox", "message": "no  IP", "lastTimestamp": "3"}]
     assert kube_spec.event_reason(events) == "FailedCreatePodSandBox: no IP"
+
+
+def test_the_role_in_the_docs_is_the_tested_file() -> None:
+    root = Path(__file__).parents[2]
+    role = (root / "docs" / "kubernetes-role.yaml").read_text().split("\n", 2)[2]  # less its two comment lines
+    doc = (root / "docs" / "kubernetes.md").read_text()
+    assert f"```yaml\n{role}```" in doc
+
+
+def test_the_sandbox_gaps_follow_the_spec() -> None:
+    from orchestrator.executor import ContainerSpec
+    from orchestrator.kube_spec import GAPS, sandbox_gaps, sandbox_warning
+
+    base = ContainerSpec(name="s", image_id="sha256:" + "a" * 64, command=None)
+    assert sandbox_gaps(base) == ("init", "network")
+    assert sandbox_gaps(ContainerSpec(name="s", image_id="x", command=None, network=True, pids=10)) == ("init", "pids")
+    assert sandbox_warning(base) == f"on kubernetes the stage runs without {GAPS['init']}; {GAPS['network']}"
