@@ -72,7 +72,7 @@ Bytes = Annotated[
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
-RetryOn = Literal["error", "oom", "timeout"]
+RetryOn = Literal["error", "oom", "timeout", "node_lost"]
 RelativePath = Annotated[str, Field(json_schema_extra={"pattern": RELATIVE_PATH_PATTERN})]  # checked by _relative_path
 
 

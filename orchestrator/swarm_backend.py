@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
 from orchestrator.objectstore import ObjectStore
 from orchestrator.spec import Pipeline
-from orchestrator.swarm_executor import UNENFORCED, SwarmExecutor, SwarmSettings
+from orchestrator.swarm_executor import LABEL_ROLE, TERMINAL, UNENFORCED, SwarmExecutor, SwarmSettings
 
 AGENT_BINARIES = ("/bin/busybox", "/usr/bin/rclone")
 AGENT_LIBS = ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2")  # rclone's (Debian builds it
@@ -178,6 +179,8 @@ class SwarmBackend:
                 for row in listing(filters={"label": [f"{LABEL_PIPELINE}={owner}"]}):
                     labels = row.get("Spec", {}).get("Labels") or row.get("Labels") or {}
                     run_id = str(labels.get(LABEL_RUN, ""))
+                    if kind == "service" and labels.get(LABEL_ROLE) == "clean" and self._waits_for_node(row):
+                        continue  # a lost node's cleanup, still waiting for that node to come back
                     if is_alive(run_id) is not True:
                         dead.add(run_id)
                         try:
@@ -189,6 +192,16 @@ class SwarmBackend:
         except ENGINE_FAULTS as e:
             raise EngineError(f"swarm manager did not answer: {short_reason(e)}") from e
         return sorted(dead)
+
+    def _waits_for_node(self, service: dict[str, Any]) -> bool:
+        """Whether a clean service's task has not run yet because its node is down."""
+        for task in self._api.tasks(filters={"service": str(service.get("ID"))}):
+            if (task.get("Status") or {}).get("State") in TERMINAL:
+                continue
+            with suppress(docker.errors.NotFound):
+                if (self._api.inspect_node(task.get("NodeID") or "").get("Status") or {}).get("State") == "down":
+                    return True
+        return False
 
     def _sweep_nodes(self, run_ids: list[str]) -> None:
         """One agent task on every node removes the dead runs' hand-off folders (a global service, run once)."""

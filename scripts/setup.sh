@@ -13,4 +13,8 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then  # the web UI's browser tests
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+if [ ! -x /usr/bin/rclone ] || [ ! -x /bin/busybox ]; then  # the swarm hand-off agent image is made of these two
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rclone \
+    busybox-static >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

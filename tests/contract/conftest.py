@@ -36,6 +36,27 @@ SWARM_REGISTRY = os.environ.get("PIPE_TEST_SWARM_REGISTRY", "")
 SWARM_S3_NODE = os.environ.get("PIPE_TEST_SWARM_S3_NODE_ENDPOINT", "")
 SWARM_HANDOFF = os.environ.get("PIPE_TEST_SWARM_HANDOFF_DIR", "")
 REMOVAL_BOUND_S = 15  # how long a node may take to remove the container of a removed service
+CLUSTER_SH = Path(__file__).resolve().parents[2] / "scripts" / "cluster.sh"
+
+
+def kill_node(name: str) -> None:
+    """The machine `name` (n2, n3) is lost: every process of its daemon SIGKILLed at once (scripts/cluster.sh)."""
+    subprocess.run(["bash", str(CLUSTER_SH), "kill-node", name], check=True, capture_output=True, timeout=60)
+
+
+def start_node(name: str) -> None:
+    """Bring `name` back; returns once all 3 nodes are Ready again, so later tests still have a 3-node swarm."""
+    subprocess.run(["bash", str(CLUSTER_SH), "start-node", name], check=True, capture_output=True, timeout=180)
+
+
+def node_of(clients: list[Any], owner: str) -> str | None:
+    """n1..n3: the node whose engine runs a stage task (not a hand-off agent) of `owner` (SWARM_NODES are in node
+    order)."""
+    for i, client in enumerate(clients, start=1):
+        for c in client.containers.list(filters={"label": f"{LABEL_PIPELINE}={owner}"}):
+            if c.labels.get("com.docker.swarm.service.name", "").endswith("-stage"):
+                return f"n{i}"
+    return None
 
 
 @dataclass

@@ -355,7 +355,7 @@ def test_retry_on_outside_its_choices(make_pipeline: MakePipeline) -> None:
             image: busybox
             retry_on: [error, crash]
         """)
-    assert message == "4: stages.data.retry_on.1: expected 'error', 'oom' or 'timeout', got the string 'crash'"
+    assert message == "4: stages.data.retry_on.1: expected 'error', 'oom', 'timeout' or 'node_lost', got the string 'crash'"
 
 
 def test_negative_cpus(make_pipeline: MakePipeline) -> None:
