@@ -32,7 +32,7 @@ from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, Exec
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
 from orchestrator.objectstore import ObjectStore
-from orchestrator.spec import Pipeline
+from orchestrator.spec import SWARM_NEEDS_STORE, Pipeline
 from orchestrator.swarm_executor import LABEL_ROLE, TERMINAL, UNENFORCED, SwarmExecutor, SwarmSettings
 
 AGENT_BINARIES = ("/bin/busybox", "/usr/bin/rclone")
@@ -48,12 +48,15 @@ def sandbox_warnings(pipeline: Pipeline, stages: Iterable[str]) -> list[str]:
 class SwarmBackend:
     def __init__(self, pipeline: Pipeline, host: str | None = None) -> None:
         config = pipeline.executor
-        assert config.registry is not None and config.store is not None, "spec.Executor checks both for swarm"
-        self._config = config
+        assert config.registry is not None, "spec.Executor checks it for swarm"
+        store = pipeline.handoff_store
+        if store is None or store.url is None:  # --executor swarm on a file that validated as local
+            raise pipeline.error("executor.store", SWARM_NEEDS_STORE, at="executor")
+        self._config = config.model_copy(update={"store": store})
         self._client = connect(host or config.host)
         self._api: Any = self._client.api  # the SDK's low-level calls are untyped
         self._check_manager()
-        self._store = ObjectStore(config.store.url, config.store.endpoint)
+        self._store = ObjectStore(store.url, store.endpoint)
         self._refs: dict[str, str] = {}
         self._stage_constraints = {n: s.constraints for n, s in pipeline.stages.items() if s.constraints}
         self._agent: str | None = None

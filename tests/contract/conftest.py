@@ -53,8 +53,8 @@ def node_of(clients: list[Any], owner: str) -> str | None:
     """n1..n3: the node whose engine runs a stage task (not a hand-off agent) of `owner` (SWARM_NODES are in node
     order)."""
     for i, client in enumerate(clients, start=1):
-        for c in client.containers.list(filters={"label": f"{LABEL_PIPELINE}={owner}"}):
-            if c.labels.get("com.docker.swarm.service.name", "").endswith("-stage"):
+        for c in client.api.containers(filters={"label": f"{LABEL_PIPELINE}={owner}"}):  # no inspect: no race
+            if (c.get("Labels") or {}).get("com.docker.swarm.service.name", "").endswith("-stage"):
                 return f"n{i}"
     return None
 
