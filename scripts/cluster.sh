@@ -88,6 +88,10 @@ wait_daemon() {
   d "$1" version >/dev/null || { log "dockerd n$1 did not start; see $DIR/n$1/dockerd.log"; return 1; }
 }
 
+alive() {  # the pids on stdin that still exist
+  local p; while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true
+}
+
 node_pids() {  # every process of node $1: its dockerd, containerd, shims and the containers in its cgroups
   local n=$DIR/n$1
   [ -f "$n/docker.pid" ] && echo "$(cat "$n/docker.pid")"  # dockerd writes it without a newline
@@ -99,14 +103,14 @@ node_pids() {  # every process of node $1: its dockerd, containerd, shims and th
 kill_node() {  # the machine n$1 is lost: SIGKILL to all its processes at once, nothing shut down cleanly
   local p
   for p in $(node_pids "$1" | sort -u); do kill -9 "$p" 2>/dev/null || true; done
-  for _ in $(seq 1 100); do [ -z "$(node_pids "$1" | sort -u | xargs -r ps -o pid= -p 2>/dev/null)" ] && break; sleep 0.1; done
+  for _ in $(seq 1 100); do [ -z "$(node_pids "$1" | sort -u | alive)" ] && break; sleep 0.1; done
   rm -f "$DIR/n$1/docker.pid"
   log "n$1 killed"
 }
 
 start_node() {  # bring n$1 back on its old data-root (it rejoins the swarm by itself); wait until all are Ready
   d "$1" version >/dev/null 2>&1 && { log "n$1 is running"; return 0; }
-  [ -z "$(node_pids "$1" | sort -u | xargs -r ps -o pid= -p 2>/dev/null)" ] || { log "n$1 is half alive"; exit 1; }
+  [ -z "$(node_pids "$1" | sort -u | alive)" ] || { log "n$1 is half alive"; exit 1; }
   start_daemon "$1"
   wait_daemon "$1" || exit 1
   for _ in $(seq 1 600); do ready && break; sleep 0.1; done
