@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,8 @@ class Harness:
         """Containers (every node), services, secrets and networks of this test still there."""
         found = []
         for client in self.clients:
-            for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={self.owner}"}):
-                found.append(f"container {c.name}")
+            for c in client.api.containers(all=True, filters={"label": f"{LABEL_PIPELINE}={self.owner}"}):
+                found.append(f"container {c['Names'][0]}")  # a listing only: no inspect to race the removal
         if self.manager is not None:
             flt = {"label": [f"{LABEL_PIPELINE}={self.owner}"]}
             found += [f"service {s['Spec']['Name']}" for s in self.manager.api.services(filters=flt)]
@@ -149,8 +150,9 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         pass
     leftovers = h.leftovers()
     for client in h.clients:  # never leave a failed test's containers behind
-        for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
-            c.remove(force=True)
+        for c in client.api.containers(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
+            with suppress(Exception):  # gone meanwhile
+                client.api.remove_container(c["Id"], force=True)
     assert leftovers == [], f"left behind: {leftovers}"
 
 
