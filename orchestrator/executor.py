@@ -94,6 +94,7 @@ class ExecResult:
     peak_memory_bytes: int | None = None
     cpu_seconds: float | None = None
     disk_full: bool = False  # it failed because a disk filled up (its outputs are then removed)
+    node_lost: bool = False  # the node it ran on was lost (a cluster executor): `retry_on: [node_lost]` matches
     ran_on: RanOn | None = None  # None when no attempt reached a node (cancelled before, refused)
     warnings: tuple[str, ...] = ()  # what the sandbox lacked on this executor (kube_spec.sandbox_gaps), for history
 

@@ -4,8 +4,9 @@ with backoff, the run deadline and cancellation. Knows nothing of Docker, the da
 Contract with `run_stage(stage, attempt) -> StageResult` (api's closure):
 - it is called from worker threads, at most `policy.jobs` at a time, with attempt numbers 1, 2, …;
 - a FAILED result's failure kind (what `retry_on` matches) is read by `failure_kind` from the result's flags,
-  never its text: `infra_error` -> "error"; outcome OOM -> "oom"; outcome TIMEOUT -> "timeout"; any other
-  failure -> "error". CANCELLED and SKIPPED results are never retried; a final result after more than one
+  never its text: `node_lost` -> "node_lost" (a cluster node lost mid-attempt; only `retry_on: [node_lost]`
+  retries it, the next attempt lands on another node); `infra_error` -> "error"; outcome OOM -> "oom"; outcome
+  TIMEOUT -> "timeout"; any other failure -> "error". CANCELLED and SKIPPED results are never retried; a final result after more than one
   attempt says so in its reason ("... (after 3 attempts)");
 - a CANCELLED result returned after the run deadline passed is reworded here ("cancelled: run timed out after
   1h00m"), since only execute knows why it cancelled;
@@ -58,7 +59,7 @@ class RetryPolicy:
 
     retries: int = 0
     delay_s: float = 1.0
-    retry_on: frozenset[str] = frozenset({"error"})  # "error", "oom", "timeout"
+    retry_on: frozenset[str] = frozenset({"error"})  # "error", "oom", "timeout", "node_lost"
 
     def delay_after(self, attempt: int) -> float:
         """The wait after failed attempt number `attempt` (1-based): exponential backoff."""
@@ -89,7 +90,9 @@ _KINDS = {Outcome.OOM: "oom", Outcome.TIMEOUT: "timeout"}
 
 
 def failure_kind(result: StageResult) -> str:
-    """"error", "oom" or "timeout": what a RetryPolicy's retry_on matches (see the module docstring)."""
+    """"error", "oom", "timeout" or "node_lost": what a RetryPolicy's retry_on matches (module docstring)."""
+    if result.node_lost:
+        return "node_lost"
     if result.infra_error or result.outcome is None:
         return "error"
     return _KINDS.get(result.outcome, "error")

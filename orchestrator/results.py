@@ -45,6 +45,7 @@ class StageResult:
     infra_error: bool = False  # the engine or the machine failed, not the stage's own code
     outcome: Outcome | None = None  # how its container ended; None when none ran (cached, skipped, pipe failed)
     disk_full: bool = False  # the stage failed because a disk filled up (ENOSPC)
+    node_lost: bool = False  # the cluster node it ran on was lost mid-attempt (what retry_on node_lost matches)
     cache_key: str | None = None
     cached_from: str | None = None  # the run whose outputs were restored
     image_id: str | None = None

@@ -134,6 +134,7 @@ class StageRunner:
             infra_error=result.outcome is Outcome.ERROR,
             outcome=result.outcome,
             disk_full=result.disk_full,
+            node_lost=result.node_lost,
             cache_key=key,
             image_id=self.image_ids[name],
             started_at=result.started_at,

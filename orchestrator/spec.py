@@ -72,7 +72,7 @@ Bytes = Annotated[
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
-RetryOn = Literal["error", "oom", "timeout"]
+RetryOn = Literal["error", "oom", "timeout", "node_lost"]
 RelativePath = Annotated[str, Field(json_schema_extra={"pattern": RELATIVE_PATH_PATTERN})]  # checked by _relative_path
 
 
@@ -395,11 +395,15 @@ class Notify(_Model):
         return self
 
 
+SWARM_NEEDS_STORE = ("a swarm moves artifacts between nodes through an object store: add a `remote:` block "
+                     "(used by default) or executor.store {url: s3://bucket/prefix/}")
+
+
 class HandoffStore(_Model):
     """Where a swarm moves artifacts between the invoking host and the nodes: an S3 bucket and prefix.
     `endpoint` is how this host reaches it; `node_endpoint` how the nodes do (default: the same)."""
 
-    url: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")]
+    url: Annotated[str, Field(pattern=r"^s3://[^/]+(/.*)?$")] | None = None  # None: the `remote:` block's
     endpoint: str | None = None
     node_endpoint: str | None = None
 
@@ -411,7 +415,7 @@ class Executor(_Model):
     model_config = ConfigDict(json_schema_extra={  # _needs, for editors
         "allOf": [
             {"if": {"required": ["kind"], "properties": {"kind": {"const": "swarm"}}},
-             "then": {"required": ["registry", "store"]}},
+             "then": {"required": ["registry"]}},
             {"if": {"required": ["kind"], "properties": {"kind": {"const": "kubernetes"}}},
              "then": {"required": ["handoff"]}},
         ],
@@ -422,7 +426,7 @@ class Executor(_Model):
     host: str | None = None  # the manager's endpoint; default DOCKER_HOST
     registry: str | None = None  # built images are pushed here and run as registry/repo@sha256:...
     constraints: tuple[str, ...] = ()  # placement constraints for every stage
-    store: HandoffStore | None = None  # required: the hand-off store
+    store: HandoffStore | None = None  # the hand-off store; default: the pipeline's `remote:` (Pipeline.handoff_store)
     handoff_dir: str = "/var/lib/pipe-handoff"  # a folder that exists on every node (node-local disk)
     # kubernetes
     namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = "default"
@@ -435,9 +439,6 @@ class Executor(_Model):
     def _needs(self) -> Self:
         if self.kind == "swarm" and self.registry is None:
             raise keyed_error("registry", "a swarm needs 'registry' (where built images are pushed)")
-        if self.kind == "swarm" and self.store is None:
-            raise keyed_error("store", "a swarm needs 'store' ({url: s3://bucket/prefix/}: artifacts move "
-                              "between nodes through it)")
         if self.kind == "kubernetes" and self.handoff is None:
             raise keyed_error("handoff", "kubernetes needs 'handoff' (s3://bucket/prefix/: pods exchange files "
                               "through it)")
@@ -470,6 +471,13 @@ class Source:
 
 
 class Pipeline(_Model):
+    model_config = ConfigDict(json_schema_extra={  # _swarm_store, for editors: a swarm's store, or a remote
+        "if": {"required": ["executor"],
+               "properties": {"executor": {"required": ["kind"], "properties": {"kind": {"const": "swarm"}}}}},
+        "then": {"anyOf": [{"required": ["remote"]},
+                           {"properties": {"executor": {"required": ["store"],
+                                                        "properties": {"store": {"required": ["url"]}}}}}]},
+    })
     name: Annotated[str, Field(pattern=PIPELINE_NAME_PATTERN)] | None = None
     stages: dict[StageName, Stage] = Field(min_length=1, json_schema_extra={"additionalProperties": False})
     defaults: Defaults = Defaults()
@@ -480,6 +488,24 @@ class Pipeline(_Model):
     executor: Executor = Executor()
     remote: Remote | None = None  # the shared cache (README: "The remote")
     _source: Source = PrivateAttr(default_factory=lambda: Source(Path("pipeline.yaml")))
+
+    @model_validator(mode="after")
+    def _swarm_store(self) -> Self:
+        if self.executor.kind == "swarm" and self.handoff_store is None:
+            raise keyed_error("executor.store", SWARM_NEEDS_STORE, at="executor")
+        return self
+
+    @property
+    def handoff_store(self) -> HandoffStore | None:
+        """Where a swarm moves artifacts: `executor.store`, else the `remote:` block (its bucket and prefix; the
+        hand-off's objects live under `handoff/`, apart from the cache's)."""
+        own = self.executor.store
+        if own is not None and own.url is not None:
+            return own
+        if self.remote is not None:  # `store: {node_endpoint: ...}` alone: the nodes reach the remote elsewhere
+            return HandoffStore(url=self.remote.url, endpoint=(own.endpoint if own else None) or self.remote.endpoint,
+                                node_endpoint=own.node_endpoint if own else None)
+        return None
 
     def with_source(self, source: Source) -> Pipeline:
         self._source = source

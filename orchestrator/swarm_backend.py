@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE, LABEL_RUN, Exec
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
 from orchestrator.objectstore import ObjectStore
-from orchestrator.spec import Pipeline
-from orchestrator.swarm_executor import UNENFORCED, SwarmExecutor, SwarmSettings
+from orchestrator.spec import SWARM_NEEDS_STORE, Pipeline
+from orchestrator.swarm_executor import LABEL_ROLE, TERMINAL, UNENFORCED, SwarmExecutor, SwarmSettings
 
 AGENT_BINARIES = ("/bin/busybox", "/usr/bin/rclone")
 AGENT_LIBS = ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2")  # rclone's (Debian builds it
@@ -47,12 +48,15 @@ def sandbox_warnings(pipeline: Pipeline, stages: Iterable[str]) -> list[str]:
 class SwarmBackend:
     def __init__(self, pipeline: Pipeline, host: str | None = None) -> None:
         config = pipeline.executor
-        assert config.registry is not None and config.store is not None, "spec.Executor checks both for swarm"
-        self._config = config
+        assert config.registry is not None, "spec.Executor checks it for swarm"
+        store = pipeline.handoff_store
+        if store is None or store.url is None:  # --executor swarm on a file that validated as local
+            raise pipeline.error("executor.store", SWARM_NEEDS_STORE, at="executor")
+        self._config = config.model_copy(update={"store": store})
         self._client = connect(host or config.host)
         self._api: Any = self._client.api  # the SDK's low-level calls are untyped
         self._check_manager()
-        self._store = ObjectStore(config.store.url, config.store.endpoint)
+        self._store = ObjectStore(store.url, store.endpoint)
         self._refs: dict[str, str] = {}
         self._stage_constraints = {n: s.constraints for n, s in pipeline.stages.items() if s.constraints}
         self._agent: str | None = None
@@ -178,6 +182,8 @@ class SwarmBackend:
                 for row in listing(filters={"label": [f"{LABEL_PIPELINE}={owner}"]}):
                     labels = row.get("Spec", {}).get("Labels") or row.get("Labels") or {}
                     run_id = str(labels.get(LABEL_RUN, ""))
+                    if kind == "service" and labels.get(LABEL_ROLE) == "clean" and self._waits_for_node(row):
+                        continue  # a lost node's cleanup, still waiting for that node to come back
                     if is_alive(run_id) is not True:
                         dead.add(run_id)
                         try:
@@ -189,6 +195,16 @@ class SwarmBackend:
         except ENGINE_FAULTS as e:
             raise EngineError(f"swarm manager did not answer: {short_reason(e)}") from e
         return sorted(dead)
+
+    def _waits_for_node(self, service: dict[str, Any]) -> bool:
+        """Whether a clean service's task has not run yet because its node is down."""
+        for task in self._api.tasks(filters={"service": str(service.get("ID"))}):
+            if (task.get("Status") or {}).get("State") in TERMINAL:
+                continue
+            with suppress(docker.errors.NotFound):
+                if (self._api.inspect_node(task.get("NodeID") or "").get("Status") or {}).get("State") == "down":
+                    return True
+        return False
 
     def _sweep_nodes(self, run_ids: list[str]) -> None:
         """One agent task on every node removes the dead runs' hand-off folders (a global service, run once)."""

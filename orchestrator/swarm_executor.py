@@ -64,7 +64,8 @@ NODE_CHECK_S = 1.0
 STOP_GRACE_NS = 10 * 10**9
 REMOVAL_WAIT_S = 30.0
 LABEL_TASK = "dev.pipe.task"  # the attempt's token, shared by its services, secrets and network
-LABEL_ROLE = "dev.pipe.role"  # fetch | stage | push
+LABEL_ROLE = "dev.pipe.role"  # agent | stage | clean (the cleanup waiting for a lost node)
+NODE_LOST = "node"  # how _wait's reason for a lost node begins ("node pipe-n3 lost (down) ...")
 SECRETS_TARGET = "/run/secrets"
 AGENT_MEMORY = 256 << 20
 # Swarm on Engine 20.10 (API 1.41) has no field for these: said once per stage before a run (sandbox_gaps)
@@ -219,6 +220,11 @@ class SwarmExecutor:
         task, fetch_logs = self._agent(f"{token}-fetch", fetch, labels, agent_ref, constraints,
                                        reserve=spec, pending_s=self._settings.pending_timeout_s)
         node_id = str(task.get("NodeID") or "")
+        fetch_err = str((task.get("Status") or {}).get("Err") or "")
+        if fetch_err.startswith(f"{NODE_LOST} "):  # lost while fetching: the stage never started there
+            self._clean_later(node_id, task_dir, labels, agent_ref)
+            return replace(_result(Outcome.ERROR, None, f"hand-off to the node failed: {fetch_err}", started_at),
+                           node_lost=True)
         if (task.get("Status") or {}).get("State") == "pending":  # no node fits the stage: say why, plainly
             return _result(Outcome.ERROR, None, str((task.get("Status") or {}).get("Err")), started_at)
         if (task.get("Status") or {}).get("State") != "complete" or not node_id:
@@ -240,6 +246,9 @@ class SwarmExecutor:
         network = None if spec.network else self._network(token, labels, made)
         result = self._stage(spec, image, token, node_id, binds, refs, network, labels, on_output)
         cancelled = result.outcome is Outcome.CANCELLED
+        if result.node_lost:  # no push task can run there; its folder is removed when the node is back
+            self._clean_later(node_id, task_dir, labels, agent_ref)
+            return result
         out_key = f"handoff/out/{token}.tar"
         push = handoff.push_script(task_dir, None if cancelled or not outputs else outputs[0], out_key,
                                    self._settings.bucket_prefix)
@@ -265,22 +274,38 @@ class SwarmExecutor:
         with self._lock:
             self._stage_services[token] = service_id
         started_at = _now()
+        lost = True  # until _wait says otherwise: do not wait for a task on a node that may be gone
         try:
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
             task, why = self._wait(service_id, token, deadline, self._settings.pending_timeout_s, watch_node=True)
+            lost = why.startswith(f"{NODE_LOST} ")
             timed_out = why == "deadline"
             with self._lock:
                 cancelled = token in self._cancelled
-            tail = self._logs(service_id, spec, on_output)
+            tail = [] if lost else self._logs(service_id, spec, on_output)  # a lost node's logs are gone with it
         finally:
-            self._remove_service(service_id)
+            self._remove_service(service_id, wait=not lost)
         ran_on = RanOn("swarm", self._hostname(node_id), str(task.get("ID") or "") or None)
         if why and why not in ("deadline", "cancelled"):
-            return replace(_result(Outcome.ERROR, None, why, started_at), ran_on=ran_on)
+            return replace(_result(Outcome.ERROR, None, why, started_at), ran_on=ran_on,
+                           node_lost=why.startswith(f"{NODE_LOST} "))
         outcome, exit_code, reason = classify_task(task, memory_bytes=spec.memory_bytes, timed_out=timed_out,
                                                    cancelled=cancelled, timeout_s=spec.timeout_s, tail=tail)
         return replace(_result(outcome, exit_code, reason, started_at,
                                disk_full=outcome is Outcome.FAILED and filled_disk(tail)), ran_on=ran_on)
+
+    def _clean_later(self, node_id: str, task_dir: str, labels: dict[str, str], secret: SecretReference) -> None:
+        """A lost node's hand-off folder: a clean task pinned to it, left pending (not waited for) until the node
+        is back; the next command's sweep removes the service once its task has run (SwarmBackend.sweep)."""
+        mount = DockerMount(handoff.AGENT_ROOT, self._settings.handoff_dir, type="bind")
+        container = SwarmContainerSpec(
+            self._settings.agent_image, command=["sh", "-c", handoff.push_script(task_dir, None, "", "")],
+            mounts=[mount], labels={**labels, LABEL_ROLE: "clean"}, init=True)
+        template = TaskTemplate(container, resources=Resources(mem_limit=AGENT_MEMORY),
+                                restart_policy=RestartPolicy(condition="none"),
+                                placement=Placement(constraints=[f"node.id=={node_id}"]))
+        with suppress(*ENGINE_FAULTS):
+            self._create(f"{labels[LABEL_TASK]}-clean", template, {**labels, LABEL_ROLE: "clean"})
 
     def _hostname(self, node_id: str) -> str | None:
         """The node's host name as the swarm knows it (None if the manager cannot say)."""
@@ -307,14 +332,16 @@ class SwarmExecutor:
         template = TaskTemplate(container, resources=res, restart_policy=RestartPolicy(condition="none"),
                                 placement=Placement(constraints=constraints))
         service_id = self._create(name, template, {**labels, LABEL_ROLE: "agent"})
+        lost = True
         try:
             task, why = self._wait(service_id, None, None, pending_s, watch_node=True)
-            lines = [line for line in self._read_logs(service_id)]
+            lost = why.startswith(f"{NODE_LOST} ")
+            lines = [] if lost else self._read_logs(service_id)
             if why:
                 task = {**task, "Status": {**(task.get("Status") or {}), "Err": why}}
             return task, lines
         finally:
-            self._remove_service(service_id)
+            self._remove_service(service_id, wait=not lost)
 
     # -- engine calls --------------------------------------------------------------------------------------
 
@@ -324,8 +351,8 @@ class SwarmExecutor:
 
     def _wait(self, service_id: str, token: str | None, deadline: float | None, pending_s: float,
               watch_node: bool) -> tuple[dict[str, Any], str]:
-        """Poll until the service's task is terminal; ("", task) then, else the task and why pipe stopped it:
-        "deadline", "cancelled", a lost node or a pending deadline."""
+        """Poll until the service's task is terminal; (task, "") then, else the task and why pipe stopped it:
+        "deadline", "cancelled", a lost node (a reason starting with NODE_LOST) or a pending deadline."""
         created = time.monotonic()
         next_node_check = created
         task: dict[str, Any] = {}
@@ -346,7 +373,7 @@ class SwarmExecutor:
                     node = self._api.inspect_node(node_id)
                     if (node.get("Status") or {}).get("State") == "down":
                         name = (node.get("Description") or {}).get("Hostname", node_id[:12])
-                        return task, f"node {name} was lost (down) while the task ran"
+                        return task, f"{NODE_LOST} {name} lost (down) while the task ran"
             if deadline is not None and time.monotonic() > deadline:
                 return task, "deadline"
             if token is not None:
@@ -415,11 +442,14 @@ class SwarmExecutor:
             except docker.errors.APIError:
                 time.sleep(0.1)
 
-    def _remove_service(self, service_id: str) -> None:
+    def _remove_service(self, service_id: str, wait: bool = True) -> None:
         """Remove the service and wait (at most REMOVAL_WAIT_S) until its task is gone, which the manager
-        reports once the node has removed the container: nothing is left on any node when run() returns."""
+        reports once the node has removed the container: nothing is left on any node when run() returns. Not
+        waited for on a lost node (it removes the container when it is back)."""
         with suppress(*ENGINE_FAULTS):
             self._api.remove_service(service_id)
+            if not wait:
+                return
             deadline = time.monotonic() + REMOVAL_WAIT_S
             while self._api.tasks(filters={"service": service_id}) and time.monotonic() < deadline:
                 time.sleep(POLL_S / 2)

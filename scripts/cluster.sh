@@ -9,6 +9,9 @@
 #
 #   bash scripts/cluster.sh [up]   bring it up (or find it up) and print KEY=VALUE lines for the tests
 #   bash scripts/cluster.sh down   stop every daemon by its pid, remove namespaces, cgroups and data
+#   bash scripts/cluster.sh kill-node n3    the machine is lost: SIGKILL to its dockerd, containerd, shims and
+#                                           containers at once (the manager sees it `down` ~15 s later)
+#   bash scripts/cluster.sh start-node n3   bring it back on its data-root; returns once all 3 nodes are Ready
 #
 # Never runs `docker swarm init` on the main engine. Traps met on the way (each handled below): a plain
 # `ip netns exec dockerd` loses the cgroup mount ("Devices cgroup isn't mounted"), so each daemon runs in its own
@@ -60,7 +63,68 @@ down() {
   log "down"
 }
 
-if [ "${1:-up}" = down ]; then down; exit 0; fi
+# a node daemon in its netns and its own mount namespace (the cgroup tree and a sysfs of its netns re-bound, a
+# node-local hand-off folder)
+start_daemon() {
+  local i=$1 n=$DIR/n$1; mkdir -p "$n" "$DIR/local-n$i"
+  cat > "$n/daemon.json" <<J
+{ "insecure-registries": ["$REG"], "bip": "10.251.$i.1/24",
+  "default-address-pools": [{"base": "10.252.$i.0/24", "size": 28}],
+  "cgroup-parent": "/pipe-n$i", "userland-proxy": false, "log-driver": "json-file",
+  "labels": ["dev.pipe.test-node=n$i"] }
+J
+  setsid nsenter --net=/run/netns/pipe-n$i unshare --mount --uts --propagation slave bash -c '
+    set -e; hostname "$0"; cg=$1/.cg-$$; mkdir -p $cg
+    mount --rbind /sys/fs/cgroup $cg; mount -t sysfs sysfs /sys; mount --rbind $cg /sys/fs/cgroup
+    umount -l $cg; rmdir $cg
+    mkdir -p $1/handoff; mount --bind $1/local-${0#pipe-} $1/handoff
+    exec dockerd --config-file $2/daemon.json --data-root $2/root --exec-root $2/exec \
+      --pidfile $2/docker.pid -H unix://$2/docker.sock' "pipe-n$i" "$DIR" "$n" \
+    >>"$n/dockerd.log" 2>&1 </dev/null &
+}
+
+wait_daemon() {
+  for _ in $(seq 1 300); do d "$1" version >/dev/null 2>&1 && return 0; sleep 0.1; done
+  d "$1" version >/dev/null || { log "dockerd n$1 did not start; see $DIR/n$1/dockerd.log"; return 1; }
+}
+
+alive() {  # the pids on stdin that still exist
+  local p; while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true
+}
+
+node_pids() {  # every process of node $1: its dockerd, containerd, shims and the containers in its cgroups
+  local n=$DIR/n$1
+  [ -f "$n/docker.pid" ] && echo "$(cat "$n/docker.pid")"  # dockerd writes it without a newline
+  pgrep -f "containerd .*$n/exec/" || true
+  pgrep -f "containerd-shim-runc-v2 .*-address $n/exec/" || true
+  cat /sys/fs/cgroup/pids/pipe-n$1/*/cgroup.procs /sys/fs/cgroup/pids/pipe-n$1/cgroup.procs 2>/dev/null || true
+}
+
+kill_node() {  # the machine n$1 is lost: SIGKILL to all its processes at once, nothing shut down cleanly
+  local p
+  for p in $(node_pids "$1" | sort -u); do kill -9 "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 100); do [ -z "$(node_pids "$1" | sort -u | alive)" ] && break; sleep 0.1; done
+  rm -f "$DIR/n$1/docker.pid"
+  log "n$1 killed"
+}
+
+start_node() {  # bring n$1 back on its old data-root (it rejoins the swarm by itself); wait until all are Ready
+  d "$1" version >/dev/null 2>&1 && { log "n$1 is running"; return 0; }
+  [ -z "$(node_pids "$1" | sort -u | alive)" ] || { log "n$1 is half alive"; exit 1; }
+  start_daemon "$1"
+  wait_daemon "$1" || exit 1
+  for _ in $(seq 1 600); do ready && break; sleep 0.1; done
+  ready || { log "n$1 is not Ready again"; exit 1; }
+  log "n$1 back, $N nodes Ready"
+}
+
+case "${1:-up}" in
+  down) down; exit 0 ;;
+  kill-node) kill_node "${2#n}"; exit 0 ;;
+  start-node) start_node "${2#n}"; exit 0 ;;
+  up) ;;
+  *) log "usage: cluster.sh [up|down|kill-node nX|start-node nX]"; exit 2 ;;
+esac
 if [ -f "$DIR/env" ] && ready; then cat "$DIR/env"; exit 0; fi
 
 command -v docker-registry >/dev/null || {
@@ -101,29 +165,8 @@ s3_port=${PIPE_TEST_S3_ENDPOINT##*:}
 setsid python3 "$HERE/netns-relay.py" $HUB 10.250.0.1 9000 127.0.0.1 "${s3_port%/}" \
   >"$DIR/relay.log" 2>&1 </dev/null & echo $! >"$DIR/relay.pid"
 
-# the node daemons, each in its netns and its own mount namespace (the cgroup tree and a sysfs of its netns
-# re-bound, a node-local hand-off folder)
-for i in $(seq 1 $N); do
-  n=$DIR/n$i; mkdir -p "$n" "$DIR/local-n$i"
-  cat > "$n/daemon.json" <<J
-{ "insecure-registries": ["$REG"], "bip": "10.251.$i.1/24",
-  "default-address-pools": [{"base": "10.252.$i.0/24", "size": 28}],
-  "cgroup-parent": "/pipe-n$i", "userland-proxy": false, "log-driver": "json-file",
-  "labels": ["dev.pipe.test-node=n$i"] }
-J
-  setsid nsenter --net=/run/netns/pipe-n$i unshare --mount --uts --propagation slave bash -c '
-    set -e; hostname "$0"; cg=$1/.cg-$$; mkdir -p $cg
-    mount --rbind /sys/fs/cgroup $cg; mount -t sysfs sysfs /sys; mount --rbind $cg /sys/fs/cgroup
-    umount -l $cg; rmdir $cg
-    mkdir -p $1/handoff; mount --bind $1/local-${0#pipe-} $1/handoff
-    exec dockerd --config-file $2/daemon.json --data-root $2/root --exec-root $2/exec \
-      --pidfile $2/docker.pid -H unix://$2/docker.sock' "pipe-n$i" "$DIR" "$n" \
-    >"$n/dockerd.log" 2>&1 </dev/null &
-done
-for i in $(seq 1 $N); do
-  for _ in $(seq 1 300); do d "$i" version >/dev/null 2>&1 && break; sleep 0.1; done
-  d "$i" version >/dev/null || { log "dockerd n$i did not start; see $DIR/n$i/dockerd.log"; exit 1; }
-done
+for i in $(seq 1 $N); do start_daemon "$i"; done
+for i in $(seq 1 $N); do wait_daemon "$i" || exit 1; done
 
 # the swarm: n1 manager, n2 and n3 workers, each labelled with its name
 d 1 swarm init --advertise-addr 10.250.0.11 --listen-addr 10.250.0.11:2377 --data-path-addr 10.250.0.11 \

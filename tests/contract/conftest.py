@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,27 @@ REMOVAL_BOUND_S = 15  # how long a node may take to remove the container of a re
 KUBE_REMOVAL_BOUND_S = 60  # a deleted Job's pods: their grace period (10 s), then Foreground propagation
 KUBE_PENDING_S = 20  # the harness's pending deadline: a pod of a missing image fails after this
 NODE_DOCKER = os.environ.get("PIPE_TEST_K8S_NODE_DOCKER", "")  # the kubelet's engine (pods' sandboxes are on it)
+CLUSTER_SH = Path(__file__).resolve().parents[2] / "scripts" / "cluster.sh"
+
+
+def kill_node(name: str) -> None:
+    """The machine `name` (n2, n3) is lost: every process of its daemon SIGKILLed at once (scripts/cluster.sh)."""
+    subprocess.run(["bash", str(CLUSTER_SH), "kill-node", name], check=True, capture_output=True, timeout=60)
+
+
+def start_node(name: str) -> None:
+    """Bring `name` back; returns once all 3 nodes are Ready again, so later tests still have a 3-node swarm."""
+    subprocess.run(["bash", str(CLUSTER_SH), "start-node", name], check=True, capture_output=True, timeout=180)
+
+
+def node_of(clients: list[Any], owner: str) -> str | None:
+    """n1..n3: the node whose engine runs a stage task (not a hand-off agent) of `owner` (SWARM_NODES are in node
+    order)."""
+    for i, client in enumerate(clients, start=1):
+        for c in client.api.containers(filters={"label": f"{LABEL_PIPELINE}={owner}"}):  # no inspect: no race
+            if (c.get("Labels") or {}).get("com.docker.swarm.service.name", "").endswith("-stage"):
+                return f"n{i}"
+    return None
 
 
 @dataclass
@@ -74,8 +96,8 @@ class Harness:
         """Containers (every node), services, secrets and networks of this test still there."""
         found = []
         for client in self.clients:
-            for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={self.owner}"}):
-                found.append(f"container {c.name}")
+            for c in client.api.containers(all=True, filters={"label": f"{LABEL_PIPELINE}={self.owner}"}):
+                found.append(f"container {c['Names'][0]}")  # a listing only: no inspect to race the removal
         if self.manager is not None:
             flt = {"label": [f"{LABEL_PIPELINE}={self.owner}"]}
             found += [f"service {s['Spec']['Name']}" for s in self.manager.api.services(filters=flt)]
@@ -193,8 +215,9 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         pass
     leftovers = h.leftovers()
     for client in h.clients if h.kind != "kubernetes" else ():  # never leave a failed test's containers behind
-        for c in client.containers.list(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
-            c.remove(force=True)
+        for c in client.api.containers(all=True, filters={"label": f"{LABEL_PIPELINE}={owner}"}):
+            with suppress(Exception):  # gone meanwhile
+                client.api.remove_container(c["Id"], force=True)
     assert leftovers == [], f"left behind: {leftovers}"
 
 

@@ -109,3 +109,53 @@ def test_the_sandbox_fields_are_applied(harness: Harness) -> None:
         assert lines[3] == "docker-init"  # init: PID 1 reaps and forwards signals
     else:  # no pod field for an init (Kubernetes): the stage's shell is PID 1, and the warning says so
         assert lines[3] == "sh" and harness.warned(result, "init"), (lines, result.warnings)
+
+
+def test_a_200_mb_log_comes_back_capped_and_intact(harness: Harness, tmp_path: Path) -> None:
+    import resource
+
+    from orchestrator.hostfiles import LOG_CAP_BYTES
+
+    lines, width = 200_000, 1000  # 200 MB in numbered 1000-byte lines
+    script = (f"awk 'BEGIN{{s=sprintf(\"%{width - 10}s\",\"\"); gsub(/ /,\"x\",s); "
+              f"for(i=1;i<={lines};i++) printf \"%08d %s\\n\", i, s}}'; echo END")
+    seen = {"count": 0, "last": "", "broken": 0}
+
+    def sink(line: str) -> None:  # counts, never keeps: the test holds no more of the log than pipe should
+        seen["count"] += 1
+        if line != "END" and (len(line) != width - 1 or int(line[:8]) != seen["count"]):
+            seen["broken"] += 1
+        seen["last"] = line
+
+    log = tmp_path / "big.log"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    result = harness.executor.run(harness.spec("loud", script, log_path=log, timeout_s=900), sink)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    assert (seen["count"], seen["broken"], seen["last"]) == (lines + 1, 0, "END")  # every line, whole, in order
+    stored = log.read_bytes()
+    assert LOG_CAP_BYTES - width < len(stored) <= LOG_CAP_BYTES + 100  # capped at 10 MiB and a marker line
+    body, marker = stored.rstrip(b"\n").rsplit(b"\n", 1)
+    assert marker.startswith(b"[pipe: log truncated after 10 MiB]")
+    for i, line in enumerate(body.split(b"\n"), start=1):  # what is stored is intact, from the first line
+        assert line[:8] == b"%08d" % i and len(line) == width - 1
+    assert grew < 100 << 20, f"the process grew by {grew >> 20} MiB reading a 200 MB log"
+
+
+def test_independent_stages_run_in_parallel(harness: Harness) -> None:
+    n = 3
+    spans: dict[str, list[float]] = {}
+
+    def one(i: int) -> None:
+        lines = harness.run(harness.spec(f"fan{i}", "date +%s; sleep 10; date +%s", timeout_s=600))[1]
+        spans[f"fan{i}"] = [float(x) for x in lines[-2:]]
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(600)
+    assert len(spans) == n, spans
+    latest_start, earliest_end = max(s for s, _ in spans.values()), min(e for _, e in spans.values())
+    # all ran at one moment (wall clock seconds from inside each container: the nodes' clocks)
+    assert latest_start < earliest_end, f"the stages did not overlap in time: {spans}"

@@ -98,3 +98,67 @@ def test_the_sweep_removes_a_dead_runs_services_secrets_networks_and_hand_off_fo
     flt = {"label": [f"{LABEL_PIPELINE}={tmp_path}"]}
     assert api.services(filters=flt) == [] and api.secrets(filters=flt) == [] and api.networks(filters=flt) == []
     assert not (P(SWARM_HANDOFF).parent / "local-n2" / "deadrun").exists()
+
+
+# Node loss. A lost worker shows `down` on the manager after about one heartbeat grace (Swarm's dispatcher
+# heartbeat is 5 s; the node is marked down within ~15 s) and pipe looks at a running task's node every
+# NODE_CHECK_S: the README states the bound as 15 s + NODE_CHECK_S; this machine's load (3 daemons and ~5 test
+# sessions on 2 cores) gets slack on top.
+LOST_BOUND_S = 15 + 1 + 9
+
+
+def test_a_worker_killed_mid_stage_fails_the_stage_as_node_lost_within_the_bound(
+        s3: Any, swarm_image: str, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    import docker as sdk
+
+    from orchestrator.swarm_executor import NODE_CHECK_S
+    from tests.conftest import wait_for
+    from tests.contract.conftest import SWARM_NODES, kill_node, node_of, start_node
+
+    assert NODE_CHECK_S <= 1  # the bound above counts one second for pipe's watch
+    backend = swarm_backend(s3, tmp_path)
+    backend._stage_constraints["doomed"] = ("node.role==worker",)
+    backend._refs[swarm_image] = backend.publish(swarm_image, "pipe/busybox")
+    executor = backend.executor()
+    owner = str(tmp_path)
+    clients = [sdk.DockerClient(base_url=u) for u in SWARM_NODES]
+    out = tmp_path / "out"
+    out.mkdir()
+    results: list[Any] = []
+    spec = _spec(owner, "doomed", swarm_image, "echo started; sleep 300", mounts=(Mount(out, "/outputs", False),))
+    worker = threading.Thread(target=lambda: results.append(executor.run(spec, lambda _: None)))
+    worker.start()
+    victim = wait_for(lambda: node_of(clients, owner), timeout=120, what="the stage running")
+    assert victim in ("n2", "n3")
+    killed_at = time.monotonic()
+    kill_node(victim)
+    try:
+        worker.join(LOST_BOUND_S + 60)
+        assert results, "the stage did not end after its node was lost"
+        lost_after = time.monotonic() - killed_at
+        result = results[0]
+        assert result.outcome is Outcome.ERROR and result.node_lost, result.reason
+        assert result.reason.startswith(f"node pipe-{victim} lost"), result.reason
+        assert result.ran_on is not None and result.ran_on.node == f"pipe-{victim}"
+        assert lost_after < LOST_BOUND_S, f"the stage failed {lost_after:.1f}s after its node was lost"
+    finally:
+        start_node(victim)
+    # back: its container and hand-off folder go (the clean task pinned to it runs now); the next sweep removes
+    # the rest (the clean service; what the manager could not remove while the node was down)
+    from tests.contract.conftest import Harness
+
+    harness = Harness("swarm", executor, swarm_image, owner, clients=clients, manager=backend._client)
+    api = backend._client.api
+    flt = {"label": [f"{LABEL_PIPELINE}={owner}", "dev.pipe.role=clean"]}
+    wait_for(lambda: all(t["Status"]["State"] == "complete" for s in api.services(filters=flt)
+                         for t in api.tasks(filters={"service": s["ID"]})) and api.services(filters=flt),
+             timeout=60, what="the clean task on the node that came back")
+
+    def swept() -> bool:
+        backend.sweep(owner, lambda run: False)
+        return not harness.leftovers()
+
+    wait_for(swept, timeout=60, what=f"nothing left on any node: {harness.leftovers()}")

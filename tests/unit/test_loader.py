@@ -355,7 +355,7 @@ def test_retry_on_outside_its_choices(make_pipeline: MakePipeline) -> None:
             image: busybox
             retry_on: [error, crash]
         """)
-    assert message == "4: stages.data.retry_on.1: expected 'error', 'oom' or 'timeout', got the string 'crash'"
+    assert message == "4: stages.data.retry_on.1: expected 'error', 'oom', 'timeout' or 'node_lost', got the string 'crash'"
 
 
 def test_negative_cpus(make_pipeline: MakePipeline) -> None:
@@ -1183,3 +1183,51 @@ def test_remote_block_refuses_credentials_and_bad_urls(make_pipeline: MakePipeli
         load_pipeline(path)
     assert str(info.value).removeprefix(f"{path}:") == expected
     assert_schema_agrees(path)
+
+
+def test_a_swarm_hands_off_through_the_remote_by_default(make_pipeline: MakePipeline) -> None:
+    path = make_pipeline(text("""
+        executor: {kind: swarm, registry: "reg:5000"}
+        remote: {url: "s3://team/pipe/", endpoint: "http://s3.example:9000"}
+        stages:
+          data: {image: busybox}
+        """))
+    assert_schema_agrees(path)
+    store = load_pipeline(path).handoff_store
+    assert store is not None and (store.url, store.endpoint) == ("s3://team/pipe/", "http://s3.example:9000")
+    own = make_pipeline(text("""
+        executor: {kind: swarm, registry: "reg:5000", store: {url: "s3://handoff/x/"}}
+        remote: {url: "s3://team/pipe/"}
+        stages:
+          data: {image: busybox}
+        """))
+    assert load_pipeline(own).handoff_store.url == "s3://handoff/x/"  # type: ignore[union-attr]
+
+
+def test_a_swarm_without_a_store_or_a_remote_says_so_in_one_line(make_pipeline: MakePipeline) -> None:
+    message = error_of(make_pipeline, """
+        executor: {kind: swarm, registry: "reg:5000"}
+        stages:
+          data: {image: busybox}
+        """)
+    assert message == ("1: executor.store: a swarm moves artifacts between nodes through an object store: add a "
+                       "`remote:` block (used by default) or executor.store {url: s3://bucket/prefix/}")
+
+
+def test_a_swarm_store_without_url_needs_a_remote(make_pipeline: MakePipeline) -> None:
+    message = error_of(make_pipeline, """
+        executor: {kind: swarm, registry: "reg:5000", store: {node_endpoint: "http://10.0.0.5:9000"}}
+        stages:
+          data: {image: busybox}
+        """)
+    assert message.startswith("1: executor.store: a swarm moves artifacts between nodes through an object store")
+    path = make_pipeline(text("""
+        executor: {kind: swarm, registry: "reg:5000", store: {node_endpoint: "http://10.0.0.5:9000"}}
+        remote: {url: "s3://team/pipe/", endpoint: "http://s3.example:9000"}
+        stages:
+          data: {image: busybox}
+        """))
+    store = load_pipeline(path).handoff_store
+    assert store is not None
+    assert (store.url, store.endpoint, store.node_endpoint) == ("s3://team/pipe/", "http://s3.example:9000",
+                                                                 "http://10.0.0.5:9000")

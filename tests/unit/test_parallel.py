@@ -363,6 +363,25 @@ def test_failure_kind_reads_the_outcome_never_the_text() -> None:
     # the words alone decide nothing: a stage may print anything into a reason
     assert failure_kind(failed("s", "timed out waiting for the GPU", outcome=Outcome.FAILED)) == "error"
     assert failure_kind(failed("s", "killed: out of memory", outcome=Outcome.FAILED)) == "error"
+    lost = failed("s", "node pipe-n3 lost (down) while the task ran", outcome=Outcome.ERROR, infra_error=True,
+                  node_lost=True)
+    assert failure_kind(lost) == "node_lost"
+    assert failure_kind(failed("s", "node pipe-n3 lost (down)", outcome=Outcome.ERROR, infra_error=True)) == "error"
+
+
+def test_a_lost_node_is_retried_only_when_retry_on_names_node_lost() -> None:
+    def lost_then_ok(attempt: int) -> StageResult:
+        if attempt == 1:
+            return failed("train", "node pipe-n3 lost (down) while the task ran", outcome=Outcome.ERROR,
+                          infra_error=True, node_lost=True)
+        return StageResult(stage="train", status=StageStatus.SUCCEEDED)
+
+    on_error = run(["train"], stages=FakeStages({"train": lost_then_ok}),
+                   retry={"train": RetryPolicy(retries=1)}, sleep=lambda _: None)
+    assert (on_error.results["train"].status, on_error.results["train"].attempts) == (StageStatus.FAILED, 1)
+    asked = run(["train"], stages=FakeStages({"train": lost_then_ok}),
+                retry={"train": RetryPolicy(retries=1, retry_on=frozenset({"node_lost"}))}, sleep=lambda _: None)
+    assert (asked.results["train"].status, asked.results["train"].attempts) == (StageStatus.SUCCEEDED, 2)
 
 
 def test_a_failure_after_retries_says_how_many_attempts() -> None:
