@@ -38,13 +38,19 @@ from orchestrator.executor import (
     RanOn,
     starter_alive,
 )
-from orchestrator.hostfiles import CappedLog, parse_owner, redact, redactions, remove_secrets, secrets_dir
+from orchestrator.hostfiles import (
+    TAIL_LINES,
+    CappedLog,
+    StageLogSink,
+    parse_owner,
+    redactions,
+    remove_secrets,
+    secrets_dir,
+)
 from orchestrator.units import format_bytes, format_duration
 
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
-LINE_CAP_BYTES = 64 * 1024  # a longer "line" is passed on in pieces, so memory stays bounded
-TAIL_LINES = 20  # kept to explain a failure (ENOSPC)
 SECRETS_TARGET = "/run/secrets"
 ENOSPC_TEXT = "no space left on device"
 # What an engine fault looks like from the SDK: its own errors, requests' (OSError) and urllib3's.
@@ -294,33 +300,13 @@ class DockerExecutor:
 
         Frames are the process's writes, not lines: each stream keeps its own partial line. Secrets are
         redacted before a line goes anywhere (issue 6); a long line is cut only where no secret can straddle."""
-        secrets = redactions(spec.secrets)
-        hold = max(map(len, secrets), default=0)
         with CappedLog(spec.log_path) as log:
-
-            def emit(raw: bytes) -> None:
-                line = redact(raw, secrets).decode("utf-8", errors="replace").rstrip("\r")
-                tail.append(line)
-                log.write(line)
-                on_output(line)
-
-            partial = [b"", b""]  # stdout, stderr
+            sink = StageLogSink(log, redactions(spec.secrets), on_output, tail, streams=2)  # stdout, stderr
             for frame in frames:
                 for i, chunk in enumerate(frame):
-                    if not chunk:
-                        continue
-                    *lines, rest = (partial[i] + chunk).split(b"\n")
-                    for raw in lines:
-                        emit(raw)
-                    while len(rest) > LINE_CAP_BYTES + hold:  # a secret begun before the cut is whole in rest
-                        rest = redact(rest, secrets)
-                        emit(rest[:LINE_CAP_BYTES])
-                        rest = rest[LINE_CAP_BYTES:]
-                    partial[i] = rest
-                log.flush()  # per frame, not per line: `pipe logs -f` sees what the stage wrote
-            for rest in partial:
-                if rest:
-                    emit(rest)
+                    sink.feed(chunk or b"", i)
+                sink.flush()  # per frame, not per line: `pipe logs -f` sees what the stage wrote
+            sink.close()
 
     def _secret_owner(self, spec: ContainerSpec) -> tuple[int, int] | None:
         """The uid:gid the container runs as, when numeric; None when only a name is known."""

@@ -18,6 +18,7 @@ from orchestrator.units import format_bytes
 
 LOG_CAP_BYTES = 10 * 1024**2  # the stored log per attempt; the terminal still sees every line
 LINE_CAP_BYTES = 64 * 1024  # a longer "line" is passed on in pieces, so memory stays bounded
+TAIL_LINES = 20  # of a stage's output, kept by every executor to explain a failure (ENOSPC, the agent's error)
 MIN_SECRET_LINE = 4  # shorter lines of a multi-line secret are not redacted
 
 

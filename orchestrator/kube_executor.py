@@ -41,13 +41,12 @@ from orchestrator.executor import (
     RanOn,
     starter_alive,
 )
-from orchestrator.hostfiles import LINE_CAP_BYTES, CappedLog, StageLogSink, redactions
+from orchestrator.hostfiles import LINE_CAP_BYTES, TAIL_LINES, CappedLog, StageLogSink, redactions
 from orchestrator.kube_spec import FETCH, MAIN, UPLOAD, Handoff, Placement, PodView
 from orchestrator.objectstore import ObjectStore
 from orchestrator.units import format_duration
 
 POLL_S = 0.25
-TAIL_LINES = 20
 ANNOTATION_RUN, ANNOTATION_PID, ANNOTATION_HOST = "dev.pipe/run", "dev.pipe/pid", "dev.pipe/host"
 API_FAULTS = (ApiException, OSError, urllib3.exceptions.HTTPError)
 FOREGROUND = "Foreground"

@@ -17,6 +17,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,7 @@ from docker.types import (
 )
 
 from orchestrator import handoff
-from orchestrator.docker_executor import ENGINE_FAULTS, LINE_CAP_BYTES, filled_disk, short_reason
+from orchestrator.docker_executor import ENGINE_FAULTS, filled_disk, short_reason
 from orchestrator.errors import EngineError, RemoteError
 from orchestrator.executor import (
     DISK_FULL,
@@ -54,7 +55,7 @@ from orchestrator.executor import (
     OutputSink,
     RanOn,
 )
-from orchestrator.hostfiles import CappedLog, redact, redactions
+from orchestrator.hostfiles import TAIL_LINES, CappedLog, StageLogSink, redactions
 from orchestrator.objectstore import ObjectStore, bounded_map
 from orchestrator.units import format_bytes, format_duration
 
@@ -387,28 +388,16 @@ class SwarmExecutor:
         return b"".join(raw).decode("utf-8", errors="replace").splitlines()
 
     def _logs(self, service_id: str, spec: ContainerSpec, on_output: OutputSink) -> list[str]:
-        """Stream the finished task's output through the capped log and on_output; the last lines."""
-        secrets_ = redactions(spec.secrets)
-        tail: list[str] = []
+        """Stream the finished task's output through the capped log and on_output (StageLogSink: a secret split
+        across chunks or a long line's cut is redacted too); the last lines."""
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
         with CappedLog(spec.log_path) as log:
-            partial = b""
+            sink = StageLogSink(log, redactions(spec.secrets), on_output, tail)
             for chunk in self._api.service_logs(service_id, stdout=True, stderr=True, follow=False):
-                *lines, partial = (partial + chunk).split(b"\n")
-                while len(partial) > LINE_CAP_BYTES:
-                    lines.append(partial[:LINE_CAP_BYTES])
-                    partial = partial[LINE_CAP_BYTES:]
-                for raw in lines:
-                    line = redact(raw, secrets_).decode("utf-8", errors="replace").rstrip("\r")
-                    tail = (tail + [line])[-20:]
-                    log.write(line)
-                    on_output(line)
-            if partial:
-                line = redact(partial, secrets_).decode("utf-8", errors="replace")
-                tail.append(line)
-                log.write(line)
-                on_output(line)
-            log.flush()
-        return tail
+                sink.feed(chunk)
+            sink.close()
+            sink.flush()
+        return list(tail)
 
     def _secret(self, name: str, value: str, labels: dict[str, str], made: list[Callable[[], None]]) -> str:
         secret_id = str(self._api.create_secret(name, value.encode(), labels=labels)["ID"])

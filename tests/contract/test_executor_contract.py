@@ -159,3 +159,25 @@ def test_independent_stages_run_in_parallel(harness: Harness) -> None:
     latest_start, earliest_end = max(s for s, _ in spans.values()), min(e for _, e in spans.values())
     # all ran at one moment (wall clock seconds from inside each container: the nodes' clocks)
     assert latest_start < earliest_end, f"the stages did not overlap in time: {spans}"
+
+
+def test_a_printed_secret_is_redacted_in_a_short_line_and_in_a_long_lines_pieces(harness: Harness, tmp_path: Path) -> None:
+    import uuid
+
+    from orchestrator.executor import SecretFile
+    from orchestrator.hostfiles import LINE_CAP_BYTES
+
+    value = f"s3cr3t-{uuid.uuid4().hex}"
+    pad = LINE_CAP_BYTES - len(value) // 2  # the secret lies across where the long line is cut into pieces
+    script = (f"cat /run/secrets/TOKEN; echo; head -c {pad} /dev/zero | tr '\\0' x; cat /run/secrets/TOKEN; "
+              "echo yy; echo done")
+    log = tmp_path / "secret.log"
+    result, lines = harness.run(harness.spec("tell", script, log_path=log, timeout_s=300,
+                                             secrets=(SecretFile("TOKEN", value),)))
+    assert result.outcome is Outcome.SUCCEEDED, result.reason
+    shown, stored = "\n".join(lines), log.read_text()
+    for text in (shown, stored):
+        assert value not in text.replace("\n", ""), "the secret, or its two halves, came through"
+        assert value[:12] not in text and value[-12:] not in text
+    assert lines[0] == "***" and lines[-1] == "done", lines[:1] + lines[-2:]
+    assert "".join(lines[1:-1]) == "x" * pad + "***yy"  # the long line, in pieces, whole apart from the secret
