@@ -34,8 +34,7 @@ if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the comma
     from orchestrator.cachestore import CacheStore
     from orchestrator.cron import CrontabEntry
     from orchestrator.decide import Decision
-    from orchestrator.hashing import HashMemo
-    from orchestrator.imageplan import EngineView, ImageForecast
+    from orchestrator.imageplan import ImageForecast
     from orchestrator.logstore import LogStore
     from orchestrator.parallel import Demand, Execution
     from orchestrator.prune import DiskUse
@@ -252,37 +251,12 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     from orchestrator.backend import backend_for
 
     prepared = prepare(request)
+    backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor, request.kube_context)
     pipeline, order = prepared.pipeline, prepared.plan.order
-    local = backend is None and (request.executor or pipeline.executor.kind) == "local"
-    view = _socket_view(request.docker_url) if local else None
-    if view is None:
-        backend = backend or backend_for(pipeline, request.docker_url, request.executor, request.kube_context)
     with read_store(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
-        memo_path = prepared.loaded.state.images_memo
-        if view is not None:
-            images = _view_forecast(pipeline, order, memo_path, view, store.hash_memo())
-        else:
-            assert backend is not None
-            images = backend.forecast_images(pipeline, order, memo_path, store.hash_memo())
+        images = backend.forecast_images(pipeline, order, prepared.loaded.state.images_memo, store.hash_memo())
         return _forecast(pipeline, order, store, prepared.loaded.state, images, upstream, prepared.force)
-
-
-def _socket_view(docker_url: str | None) -> EngineView | None:
-    """The engine's images over its unix socket, without the Docker SDK (engine_socket.py); None when the engine
-    is not on a unix socket (then the SDK's). EngineError when it does not answer."""
-    from orchestrator import engine_socket
-
-    return engine_socket.connect_view(docker_url)
-
-
-def _view_forecast(pipeline: Pipeline, order: tuple[str, ...], memo_path: Path, view: EngineView | None,
-                   hash_memo: HashMemo) -> dict[str, ImageForecast]:
-    """imageplan.forecast with `view`, or, for None (no engine answered), what the last resolution recorded."""
-    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
-
-    memo = ImageMemo.load(memo_path)
-    return forecast(pipeline, order, memo, view or RecordedView(memo), hash_memo)
 
 
 def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None = None,
@@ -624,34 +598,22 @@ def next_run(target: Target, backend: Backend | None = None, cache: CacheStore |
 
 def _next_run(loaded: Loaded, store: Store, backend: Backend | None, cache: CacheStore | None = None
               ) -> list[Decision]:
+    from orchestrator.backend import DockerBackend
     from orchestrator.errors import EngineError
+    from orchestrator.imageplan import ImageMemo, RecordedView, forecast
 
     pipeline = loaded.pipeline
     plan = build_plan(pipeline)
     hash_memo = store.hash_memo()
-    view = None
-    if backend is None:
-        try:
-            view = _socket_view(None)  # a unix socket: read without importing the SDK
-        except EngineError:
-            pass  # no engine: base images are assumed unchanged since the last resolution (RecordedView)
-        else:
-            backend = _engine_if_up() if view is None else None  # another kind of address: the SDK's
-    if backend is not None:
-        images = backend.forecast_images(pipeline, plan.order, loaded.state.images_memo, hash_memo)
-    else:
-        images = _view_forecast(pipeline, plan.order, loaded.state.images_memo, view, hash_memo)
-    return _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset(), cache).decisions
-
-
-def _engine_if_up() -> Backend | None:
-    from orchestrator.backend import DockerBackend
-    from orchestrator.errors import EngineError
-
     try:
-        return DockerBackend()
+        images = (backend or DockerBackend()).forecast_images(pipeline, plan.order, loaded.state.images_memo,
+                                                              hash_memo)
     except EngineError:
-        return None
+        if backend is not None:
+            raise
+        memo = ImageMemo.load(loaded.state.images_memo)  # no engine: base images as the last resolution saw them
+        images = forecast(pipeline, plan.order, memo, RecordedView(memo), hash_memo)
+    return _forecast(pipeline, plan.order, store, loaded.state, images, {}, frozenset(), cache).decisions
 
 
 def stage_running(target: Target, run_id: str, stage: str) -> bool:

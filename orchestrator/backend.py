@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.errors import UsageError
 from orchestrator.events import BuildEvents
@@ -51,10 +51,21 @@ class Backend(Protocol):
 
 
 class DockerBackend:
-    def __init__(self, docker_url: str | None = None) -> None:
-        from orchestrator import docker_executor
+    """The local engine. The SDK's client is made when first needed (EngineError then, if the engine does not
+    answer); an image forecast on a unix socket reads the engine with the standard library (engine_socket.py), so
+    `pipe status` and a dry run do not import the Docker SDK (issue 20)."""
 
-        self._client = docker_executor.connect(docker_url)
+    def __init__(self, docker_url: str | None = None) -> None:
+        self._docker_url = docker_url
+        self._sdk: Any = None
+
+    @property
+    def _client(self) -> Any:
+        if self._sdk is None:
+            from orchestrator import docker_executor
+
+            self._sdk = docker_executor.connect(self._docker_url)
+        return self._sdk
 
     def executor(self) -> Executor:
         from orchestrator.docker_executor import DockerExecutor
@@ -63,9 +74,16 @@ class DockerBackend:
 
     def forecast_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path,
                         hash_memo: HashMemo | None) -> dict[str, ImageForecast]:
-        from orchestrator import images
+        from orchestrator import engine_socket
 
-        return images.forecast_images(pipeline, stages, self._client, memo_path, hash_memo)
+        view = engine_socket.connect_view(self._docker_url)
+        if view is None:  # not a unix socket (tcp://, ssh://): the SDK's view
+            from orchestrator import images
+
+            return images.forecast_images(pipeline, stages, self._client, memo_path, hash_memo)
+        from orchestrator.imageplan import ImageMemo, forecast
+
+        return forecast(pipeline, stages, ImageMemo.load(memo_path), view, hash_memo)
 
     def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_event: BuildEvents,
                        hash_memo: HashMemo | None) -> dict[str, str]:
