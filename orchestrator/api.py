@@ -757,7 +757,7 @@ def _served(loaded: Loaded, store: Store) -> dict[str, str]:
     from orchestrator.serving import held_runs
 
     events = store.serve_events(loaded.pipeline.display_name, limit=None)
-    routing = serve_proxy.read(loaded.state.root / "serve" / "proxy")
+    routing = serve_proxy.read(loaded.state.serve_dir / "proxy")
     return held_runs(events, routing) if events or routing.run_id else {}
 
 

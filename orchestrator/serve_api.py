@@ -137,7 +137,7 @@ def status(target: Target, history: bool = False, docker_url: str | None = None)
         with suppress(StoreError), read_store(loaded) as store:  # too old a history: no serving events yet
             events = store.serve_events(name, limit=None if history else 20)
     engine = ServeEngine(docker_executor.connect(docker_url), str(loaded.state.root))
-    found, routing = engine.find(), serve_proxy.read(loaded.state.root / "serve" / "proxy")
+    found, routing = engine.find(), serve_proxy.read(loaded.state.serve_dir / "proxy")
     routed = {cid for cid, _ in routing.replicas}
     replicas = tuple({"id": r.container_id[:12], "name": r.name, "run_id": r.run_id, "status": r.status,
                       "restarts": r.restarts, "routed": r.container_id in routed,
@@ -159,7 +159,7 @@ def logs(target: Target, follow: bool = False, docker_url: str | None = None) ->
     loaded = load(target)
     serve_block(loaded.pipeline)
     engine = ServeEngine(docker_executor.connect(docker_url), str(loaded.state.root))
-    routing = serve_proxy.read(loaded.state.root / "serve" / "proxy")
+    routing = serve_proxy.read(loaded.state.serve_dir / "proxy")
     ids = [cid for cid, _ in routing.replicas] or [r.container_id for r in engine.find().replicas]
     if not ids:
         raise UsageError("nothing is served: no replica to show the logs of")

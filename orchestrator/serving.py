@@ -78,7 +78,7 @@ class _Serving:
         self.loaded, self.store, self.docker_url = loaded, store, docker_url
         self.pipeline, self.serve = loaded.pipeline, serve_block(loaded.pipeline)
         self.name = loaded.pipeline.display_name
-        self.folder = loaded.state.root / "serve"
+        self.folder = loaded.state.serve_dir
         self.client = docker_executor.connect(docker_url)
         self.engine: ServeEngine = ServeEngine(self.client, str(loaded.state.root))
         self.problems: list[str] = []
@@ -302,10 +302,10 @@ def _serving(target: Target, docker_url: str | None, loaded: Loaded | None = Non
     loaded = loaded or load(target)
     serve_block(loaded.pipeline)
     if store is not None:
-        with _serve_lock(loaded.state.root / "serve"):
+        with _serve_lock(loaded.state.serve_dir):
             yield _Serving(loaded, store, docker_url)
         return
-    with open_store(loaded) as opened, _serve_lock(loaded.state.root / "serve"):
+    with open_store(loaded) as opened, _serve_lock(loaded.state.serve_dir):
         yield _Serving(loaded, opened, docker_url)
 
 

@@ -56,6 +56,11 @@ class StateDir:
     def images_memo(self) -> Path:
         return self.root / "images.json"
 
+    @property
+    def serve_dir(self) -> Path:
+        """Serving's folder: its lock and the proxy's routing (serving.py, serve_proxy.py)."""
+        return self.root / "serve"
+
     def run_dir(self, run_id: str) -> Path:
         return self.root / run_id
 
