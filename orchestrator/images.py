@@ -95,13 +95,17 @@ def resolve_images(
     on_event: BuildEvents,
     hash_memo: HashMemo | None = None,
     log_dir: Path | None = None,
+    seed_cache: bool = False,
 ) -> dict[str, str]:
     """stage -> image id (sha256:...) for `stages`, in their order: the forecast, then what it says must be built
     or pulled. Raises ImageError for a missing image or a failed build, EngineError when the engine cannot be
     reached. Identical contexts are built once.
 
     Each build emits BuildStarted, BuildProgress per output line and BuildFinished, also when it fails or is
-    interrupted. Its output goes to a file in `log_dir` (default: builds/ beside the memo), kept only when the
+    interrupted. With `seed_cache` (a swarm manager's builds), the pipeline's own stage images already on the
+    engine are the build's cache sources (`docker build --cache-from`), so a manager that never built them reuses
+    images loaded onto it (`docker save | docker load` from a machine that built them): the same steps give the
+    same image id, where the engine's own cache knows only images it built itself. Its output goes to a file in `log_dir` (default: builds/ beside the memo), kept only when the
     build fails; the ImageError names it. An exception raised while a build runs (KeyboardInterrupt from the
     CLI's signal handler) stops the build: its connection is closed and its intermediate container removed. A
     context edited while it was being built is not remembered (the next run builds it again)."""
@@ -122,7 +126,9 @@ def resolve_images(
                     image_id = _existing_image(pipeline, name, stage.image, client)
                 else:
                     assert stage.build is not None  # spec.py: exactly one of image/build
-                    image_id = built[plan.context] = _build(pipeline, name, stage.build, client, on_event, log_dir)
+                    sources = _cache_sources(pipeline, name, view) if seed_cache else []
+                    image_id = built[plan.context] = _build(pipeline, name, stage.build, client, on_event, log_dir,
+                                                            sources)
             base_ids = view.base_ids(pipeline, name, stage.build) if stage.build is not None else None
             if stage.build is not None and plan.image_id is None \
                     and context_hash(pipeline.root, stage.build, base_ids or {}, hash_memo)[0] != plan.context:
@@ -159,8 +165,24 @@ def _exists(client: docker.DockerClient, image_id: str) -> bool:
     return True
 
 
+def build_tag(pipeline: Pipeline, name: str) -> str:
+    """The tag a stage's built image gets: a name for people (and cache sources); pipe itself uses the id."""
+    return f"pipe/{_slug(pipeline.display_name)}-{_slug(name)}:latest"
+
+
+def _cache_sources(pipeline: Pipeline, name: str, view: DockerView) -> list[str]:
+    """The build stages' tags the engine has, the stage's own first. The engine follows the first source that
+    matches a step and no other after it, so its own image must come first; the others are there because the
+    engine takes a cached step only from an ancestor of a source, and the stages share their heavy first
+    layers (a stage never built yet reuses them)."""
+    tags = [build_tag(pipeline, name)]
+    tags += [build_tag(pipeline, n) for n, s in pipeline.stages.items() if s.build is not None]
+    return [tag for tag in dict.fromkeys(tags) if view.local_id(tag) is not None]
+
+
 def _build(
-    pipeline: Pipeline, name: str, build: Build, client: docker.DockerClient, on_event: BuildEvents, log_dir: Path
+    pipeline: Pipeline, name: str, build: Build, client: docker.DockerClient, on_event: BuildEvents, log_dir: Path,
+    cache_from: list[str] | None = None,
 ) -> str:
     """Build with the engine, streaming its output into a log file and progress events; the image id, or
     ImageError with the failing step's message and where its full log is."""
@@ -168,7 +190,7 @@ def _build(
     where = _where(pipeline, name, "build")
     if not context.is_dir():
         raise ImageError(f"{where}: build context {context} is not a folder")
-    tag = f"pipe/{_slug(pipeline.display_name)}-{_slug(name)}:latest"  # a name for people; pipe uses the id
+    tag = build_tag(pipeline, name)
     log_path = _new_log_path(log_dir, name)
     started = time.monotonic()
     on_event(BuildStarted(name, build.context))
@@ -181,6 +203,7 @@ def _build(
                 dockerfile=build.dockerfile,
                 buildargs=dict(build.args),
                 tag=tag,
+                cache_from=cache_from or None,
                 labels={LABEL_MANAGED: "1"},
                 rm=True,
                 forcerm=True,

@@ -2,7 +2,7 @@
 registry, stages run by SwarmExecutor, the hand-off agent image, the sweep of what a dead run left.
 
 Images: `build:` contexts and `image:` references are resolved on the manager (images.resolve_images with the
-manager's client), then pushed to `registry/pipe/<stage>:<id>`; the runner keeps the image id (the cache key keeps
+manager's client, the pipeline's images already there as cache sources), then pushed to `registry/pipe/<stage>:<id>`; the runner keeps the image id (the cache key keeps
 it), the executor runs `registry/pipe/<stage>@sha256:<manifest>`, never a tag or a bare id.
 
 The agent image (busybox and rclone, about 55 MB) is made from this host's own binaries, imported on the manager
@@ -101,7 +101,8 @@ class SwarmBackend:
         stages = list(stages)
         for line in sandbox_warnings(pipeline, stages):
             on_event(Notice(line))
-        ids = images.resolve_images(pipeline, stages, self._client, _swarm_memo(memo_path), on_event, hash_memo)
+        ids = images.resolve_images(pipeline, stages, self._client, _swarm_memo(memo_path), on_event, hash_memo,
+                                    seed_cache=True)
         for name, image_id in ids.items():
             if image_id not in self._refs:
                 self._refs[image_id] = self.publish(image_id, f"pipe/{name}")

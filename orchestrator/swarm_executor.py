@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -276,22 +277,27 @@ class SwarmExecutor:
             self._stage_services[token] = service_id
         started_at = _now()
         lost = True  # until _wait says otherwise: do not wait for a task on a node that may be gone
-        try:
-            deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
-            task, why = self._wait(service_id, token, deadline, self._settings.pending_timeout_s, watch_node=True)
-            lost = why.startswith(f"{NODE_LOST} ")
-            timed_out = why == "deadline"
-            with self._lock:
-                cancelled = token in self._cancelled
-            tail = [] if lost else self._logs(service_id, spec, on_output)  # a lost node's logs are gone with it
-        finally:
-            self._remove_service(service_id, wait=not lost)
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        with CappedLog(spec.log_path) as log:
+            follower = LogFollower(self._api, service_id, StageLogSink(log, redactions(spec.secrets), on_output, tail))
+            try:
+                deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
+                task, why = self._wait(service_id, token, deadline, self._settings.pending_timeout_s,
+                                       watch_node=True)
+                lost = why.startswith(f"{NODE_LOST} ")
+                timed_out = why == "deadline"
+                with self._lock:
+                    cancelled = token in self._cancelled
+                follower.finish(catch_up=not lost)  # a lost node's last lines are gone with it
+            finally:
+                follower.stop()
+                self._remove_service(service_id, wait=not lost)
         ran_on = RanOn("swarm", self._hostname(node_id), str(task.get("ID") or "") or None)
         if why and why not in ("deadline", "cancelled"):
             return replace(_result(Outcome.ERROR, None, why, started_at), ran_on=ran_on,
                            node_lost=why.startswith(f"{NODE_LOST} "))
         outcome, exit_code, reason = classify_task(task, memory_bytes=spec.memory_bytes, timed_out=timed_out,
-                                                   cancelled=cancelled, timeout_s=spec.timeout_s, tail=tail)
+                                                   cancelled=cancelled, timeout_s=spec.timeout_s, tail=list(tail))
         return replace(_result(outcome, exit_code, reason, started_at,
                                disk_full=outcome is Outcome.FAILED and filled_disk(tail)), ran_on=ran_on)
 
@@ -387,18 +393,6 @@ class SwarmExecutor:
         raw = self._api.service_logs(service_id, stdout=True, stderr=True, follow=False)
         return b"".join(raw).decode("utf-8", errors="replace").splitlines()
 
-    def _logs(self, service_id: str, spec: ContainerSpec, on_output: OutputSink) -> list[str]:
-        """Stream the finished task's output through the capped log and on_output (StageLogSink: a secret split
-        across chunks or a long line's cut is redacted too); the last lines."""
-        tail: deque[str] = deque(maxlen=TAIL_LINES)
-        with CappedLog(spec.log_path) as log:
-            sink = StageLogSink(log, redactions(spec.secrets), on_output, tail)
-            for chunk in self._api.service_logs(service_id, stdout=True, stderr=True, follow=False):
-                sink.feed(chunk)
-            sink.close()
-            sink.flush()
-        return list(tail)
-
     def _secret(self, name: str, value: str, labels: dict[str, str], made: list[Callable[[], None]]) -> str:
         secret_id = str(self._api.create_secret(name, value.encode(), labels=labels)["ID"])
         made.append(lambda: self._remove_secret(secret_id))
@@ -442,6 +436,110 @@ class SwarmExecutor:
             deadline = time.monotonic() + REMOVAL_WAIT_S
             while self._api.tasks(filters={"service": service_id}) and time.monotonic() < deadline:
                 time.sleep(POLL_S / 2)
+
+
+class LogFollower:
+    """A stage task's output while it runs (`pipe logs -f`, the console), then whatever the stream had not yet
+    brought once the task ended; every frame once, in order, through one StageLogSink.
+
+    A followed service log stream does not end when the task does (the manager keeps it open for new tasks), so
+    it cannot say it is complete. So the follow is stopped once the task is terminal, and one plain read since
+    the last followed frame's timestamp brings the rest; the frames of that same timestamp already passed on are
+    skipped (both reads come from the node's log file in its order). Timestamps are the daemon's own prefix."""
+
+    FLUSH_S = 0.25  # the log file is flushed for `pipe logs -f` at most this often, not per line
+
+    def __init__(self, api: Any, service_id: str, sink: StageLogSink) -> None:
+        self._api, self._service, self._sink = api, service_id, sink
+        self._last: bytes = b""  # the last frame's timestamp, and how many frames carried it
+        self._seen_at_last = 0
+        self._total = 0
+        self._response: Any = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _params(self, follow: bool, since: str = "0") -> dict[str, Any]:
+        return {"follow": follow, "stdout": True, "stderr": True, "timestamps": True, "since": since,
+                "details": False, "tail": "all"}
+
+    def _frames(self, response: Any) -> Any:
+        return self._api._multiplexed_response_stream_helper(response)  # one frame per log message
+
+    def _follow(self) -> None:
+        flushed = time.monotonic()
+        with suppress(Exception):  # the stream cut by stop(), or the manager gone: finish() reads the rest
+            self._response = self._api._get(self._api._url("/services/{0}/logs", self._service),
+                                            params=self._params(True), stream=True)
+            if self._closed.is_set():  # stop() came before the stream was there to cut
+                self._response.close()
+                return
+            for frame in self._frames(self._response):
+                if self._closed.is_set():
+                    return
+                self._pass(frame)
+                if time.monotonic() - flushed > self.FLUSH_S:
+                    self._sink.flush()
+                    flushed = time.monotonic()
+
+    def _pass(self, frame: bytes) -> None:
+        stamp, _, line = frame.partition(b" ")
+        self._total += 1
+        if stamp == self._last:
+            self._seen_at_last += 1
+        else:
+            self._last, self._seen_at_last = stamp, 1
+        self._sink.feed(line)
+
+    def stop(self) -> None:
+        """Cut the followed stream and wait for its thread (idempotent)."""
+        self._closed.set()
+        response = self._response
+        if response is not None:
+            with suppress(Exception):
+                sock = self._api._get_raw_response_socket(response)
+                getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
+            with suppress(Exception):
+                response.close()
+        self._thread.join(timeout=10)
+
+    def finish(self, catch_up: bool) -> None:
+        """The task is terminal: stop following, read what the follow had not brought, pass the last lines on."""
+        self.stop()
+        if catch_up and not self._thread.is_alive():
+            since = _unix(self._last) if self._last else "0"
+            if since is None:  # a timestamp this code cannot read: read it all again, drop what was passed on
+                since, drop, last, skip = "0", self._total, b"", 0
+            else:
+                drop, last, skip = 0, self._last, self._seen_at_last
+            response = self._api._get(self._api._url("/services/{0}/logs", self._service),
+                                      params=self._params(False, since), stream=True)
+            try:
+                for frame in self._frames(response):
+                    stamp = frame.partition(b" ")[0]
+                    if drop:
+                        drop -= 1
+                    elif stamp == last and skip:
+                        skip -= 1
+                    elif not stamp < last:  # fixed-width UTC stamps order as bytes
+                        self._pass(frame)
+            finally:
+                response.close()
+        self._sink.close()
+        self._sink.flush()
+
+
+def _unix(stamp: bytes) -> str | None:
+    """`2026-12-02T10:00:00.123456789Z` (the daemon's fixed-width RFC 3339, UTC) -> `1796205600.123456789`."""
+    text = stamp.decode("ascii", errors="replace")
+    try:
+        whole = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    fraction = text[20:-1] if text.endswith("Z") and text[19:20] == "." else None
+    if fraction is None or not fraction.isdigit():
+        return None
+    return f"{int(whole.timestamp())}.{fraction.ljust(9, '0')}"
 
 
 def _gpus(count: int) -> Any:

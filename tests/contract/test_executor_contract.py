@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from orchestrator.executor import Mount, Outcome
+from orchestrator.executor import ExecResult, Mount, Outcome
 from tests.conftest import wait_for
 from tests.contract.conftest import Harness
 
@@ -181,3 +181,31 @@ def test_a_printed_secret_is_redacted_in_a_short_line_and_in_a_long_lines_pieces
         assert value[:12] not in text and value[-12:] not in text
     assert lines[0] == "***" and lines[-1] == "done", lines[:1] + lines[-2:]
     assert "".join(lines[1:-1]) == "x" * pad + "***yy"  # the long line, in pieces, whole apart from the secret
+
+
+def test_output_arrives_while_the_stage_runs(harness: Harness, tmp_path: Path) -> None:
+    """`pipe logs -f` and the console see a line when the stage prints it, not when the stage ends."""
+    import time
+
+    log = tmp_path / "live.log"
+    seen: dict[str, float] = {}
+
+    def sink(line: str) -> None:
+        seen[line] = time.monotonic()
+
+    def early_is_stored() -> bool:
+        return log.exists() and b"early" in log.read_bytes()
+
+    spec = harness.spec("live", "echo early; sleep 40; echo late", log_path=log, timeout_s=600)
+    done: list[ExecResult] = []
+    worker = threading.Thread(target=lambda: done.append(harness.executor.run(spec, sink)))
+    worker.start()
+    try:
+        wait_for(lambda: "early" in seen, timeout=300, what="the first line")
+        wait_for(early_is_stored, timeout=10, what="the first line in the stage's log file")
+        assert "late" not in seen
+    finally:
+        worker.join(600)
+    assert done and done[0].outcome is Outcome.SUCCEEDED, done and done[0].reason
+    assert list(seen) == ["early", "late"]  # each line once, in order
+    assert seen["late"] - seen["early"] > 20, seen  # the first came about 40 s before the second

@@ -213,3 +213,58 @@ def test_a_corrupt_source_tar_stops_the_fetch(tmp_path: Path) -> None:
     (tmp_path / "h").mkdir()
     assert subprocess.run(["busybox", "sh", "-c", fake + script], capture_output=True, check=False).returncode != 0
     assert not (tmp_path / "h" / "r" / "t" / "m0" / handoff.FILE_NAME).exists()
+
+
+def test_a_log_timestamp_becomes_the_since_the_daemon_reads() -> None:
+    from orchestrator.swarm_executor import _unix
+
+    assert _unix(b"2026-12-02T10:00:00.123456789Z") == "1796205600.123456789"
+    assert _unix(b"2026-12-02T10:00:00.1Z") == "1796205600.100000000"
+    assert _unix(b"2026-12-02T10:00:00+01:00") is None and _unix(b"garbage") is None
+
+
+class _Response(list[bytes]):
+    def close(self) -> None:
+        pass
+
+
+class _Stream:
+    """The two log reads the manager answers: `follow` frames, cut by the follower's stop(), then a plain read's
+    frames since a time (as the daemon filters them: every frame at or after it)."""
+
+    def __init__(self, followed: list[bytes], everything: list[bytes]) -> None:
+        self.followed, self.everything = followed, everything
+        self.since: list[str] = []
+
+    def _url(self, path: str, *args: str) -> str:
+        return path
+
+    def _get(self, url: str, params: dict[str, object], stream: bool) -> object:
+        if params["follow"]:
+            return _Response(self.followed)
+        self.since.append(str(params["since"]))
+        return _Response(self.everything)
+
+    def _multiplexed_response_stream_helper(self, response: _Response) -> object:
+        return iter(response)
+
+    def _get_raw_response_socket(self, response: object) -> object:
+        raise AttributeError
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 4])
+def test_the_catch_up_read_passes_on_each_frame_once_in_order(cut: int, tmp_path: Path) -> None:
+    from orchestrator.hostfiles import CappedLog, StageLogSink
+    from orchestrator.swarm_executor import LogFollower
+
+    t1, t2 = b"2026-12-02T10:00:00.000000001Z", b"2026-12-02T10:00:00.000000002Z"
+    frames = [t1 + b" a\n", t2 + b" b\n", t2 + b" b\n", t2 + b" c\n"]  # two frames of one stamp: counted
+    stream = _Stream(frames[:cut], [f for f in frames if cut == 0 or f[:30] >= frames[cut - 1][:30]])
+    lines: list[str] = []
+    with CappedLog(tmp_path / "log") as log:
+        follower = LogFollower(stream, "svc", StageLogSink(log, [], lines.append))
+        follower._thread.join(5)
+        follower.finish(catch_up=True)
+    assert lines == ["a", "b", "b", "c"]
+    assert stream.since == ["0" if cut == 0 else ("1796205600.000000001" if cut == 1 else "1796205600.000000002")]
+    assert not follower._thread.is_alive()
