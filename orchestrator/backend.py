@@ -5,13 +5,14 @@ knowing it and tests substitute a fake one. `DockerBackend` is the local Docker 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.errors import UsageError
 from orchestrator.events import BuildEvents
-from orchestrator.executor import Executor
+from orchestrator.executor import ContainerSpec, ExecResult, Executor, OutputSink
 from orchestrator.hashing import HashMemo
 from orchestrator.imageplan import ImageForecast
 from orchestrator.spec import KubePlacement, Pipeline
@@ -68,9 +69,12 @@ class DockerBackend:
         return self._sdk
 
     def executor(self) -> Executor:
-        from orchestrator.docker_executor import DockerExecutor
+        def make() -> Executor:
+            from orchestrator.docker_executor import DockerExecutor
 
-        return DockerExecutor(self._client)
+            return DockerExecutor(self._client)
+
+        return OnFirstUse(make)
 
     def forecast_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path,
                         hash_memo: HashMemo | None) -> dict[str, ImageForecast]:
@@ -87,11 +91,25 @@ class DockerBackend:
 
     def resolve_images(self, pipeline: Pipeline, stages: Iterable[str], memo_path: Path, on_event: BuildEvents,
                        hash_memo: HashMemo | None) -> dict[str, str]:
+        from orchestrator import engine_socket
+
+        stages = list(stages)
+        view = engine_socket.connect_view(self._docker_url)
+        if view is not None:  # every image already there (a no-op rerun): no SDK
+            from orchestrator.imageplan import resolve_known
+
+            if (known := resolve_known(pipeline, stages, memo_path, view, hash_memo)) is not None:
+                return known
         from orchestrator import images
 
         return images.resolve_images(pipeline, stages, self._client, memo_path, on_event, hash_memo)
 
     def sweep(self, owner: str, is_alive: Callable[[str], bool | None]) -> list[str]:
+        from orchestrator import engine_socket
+        from orchestrator.executor import LABEL_MANAGED, LABEL_PIPELINE
+
+        if engine_socket.labelled_containers(self._docker_url, [LABEL_MANAGED, f"{LABEL_PIPELINE}={owner}"]) == []:
+            return []  # nothing of this state dir on the engine (the usual case): no SDK
         from orchestrator import docker_executor
 
         return docker_executor.sweep_orphans(self._client, owner, is_alive)
@@ -205,3 +223,32 @@ def kube_placement(spec: KubePlacement) -> Placement:
 
     return Placement(dict(spec.node_selector),
                      tuple(t.model_dump(exclude_none=True) for t in spec.tolerations))
+
+
+class OnFirstUse:
+    """An Executor made on its first run(), so a run whose every stage is cached never imports the SDK. A
+    stop_all() before then is passed on once it exists (its later runs then return CANCELLED)."""
+
+    def __init__(self, make: Callable[[], Executor]) -> None:
+        self._make, self._stops = make, 0
+        self._made: Executor | None = None
+        self._lock = threading.RLock()  # re-entrant: stop_all may come from a signal handler on this thread
+
+    def _executor(self) -> Executor:
+        with self._lock:
+            if self._made is None:
+                made = self._make()
+                for _ in range(self._stops):
+                    made.stop_all()
+                self._made = made
+            return self._made
+
+    def run(self, spec: ContainerSpec, on_output: OutputSink) -> ExecResult:
+        return self._executor().run(spec, on_output)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            self._stops += 1
+            made = self._made
+        if made is not None:
+            made.stop_all()

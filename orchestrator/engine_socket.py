@@ -1,8 +1,9 @@
-"""The engine's images read over its unix socket with the standard library: `pipe status` and a local dry run
-check image ids without importing the Docker SDK (docker, requests, urllib3: about a fifth of their start-up).
+"""The engine read over its unix socket with the standard library: `pipe status`, a local dry run and a no-op
+`pipe run` check image ids and look for a dead run's containers without importing the Docker SDK (docker,
+requests, urllib3: about a fifth of their start-up).
 
 Read-only: `GET /images/json` once (imageplan.ImageIndex), then `GET /images/{ref}/json` for a reference the list
-does not name, the very calls the SDK's `images.get` makes. Only for an engine on a unix socket (DOCKER_HOST unset
+does not name, the very calls the SDK's `images.get` makes; `GET /containers/json` with label filters. Only for an engine on a unix socket (DOCKER_HOST unset
 or `unix://...`); a TCP or SSH engine, with its TLS settings, is the SDK's (docker_executor.connect). Knows
 nothing of stages, caches or history.
 """
@@ -111,6 +112,20 @@ class SocketView:
     def _inspect(self, ref: str) -> str | None:
         found = self._engine.get(f"/images/{quote(ref, safe='/:')}/json")
         return str(found["Id"]) if isinstance(found, dict) and found.get("Id") else None
+
+
+def labelled_containers(docker_url: str | None, labels: list[str]) -> list[dict[str, Any]] | None:
+    """Every container (running or not) that carries all of `labels` ("key" or "key=value"), as the engine
+    lists them; None when the engine is not on a unix socket (the caller then asks the SDK)."""
+    path = socket_path(docker_url)
+    if path is None:
+        return None
+    engine = SocketEngine(path)
+    try:
+        filters = quote(json.dumps({"label": labels}))
+        return list(engine.get(f"/containers/json?all=1&filters={filters}") or [])
+    finally:
+        engine.close()
 
 
 def connect_view(docker_url: str | None = None) -> SocketView | None:

@@ -234,3 +234,21 @@ def _rebuild_reason(last: dict[str, Any], tree: TreeDigest, context: str) -> str
     shown = ", ".join(changed[:SHOW_CHANGED]) + (f" and {len(changed) - SHOW_CHANGED} more"
                                                 if len(changed) > SHOW_CHANGED else "")
     return f"image would be rebuilt (context changed: {shown})"
+
+
+def resolve_known(pipeline: Pipeline, stages: Iterable[str], memo_path: Path, view: EngineView,
+                  hash_memo: HashMemo | None = None) -> dict[str, str] | None:
+    """stage -> image id when the engine already has every stage's image (a no-op rerun), each remembered as
+    images.resolve_images remembers one; None when any must be built or pulled (then that call does it all)."""
+    memo = ImageMemo.load(memo_path)
+    names = tuple(stages)
+    planned = forecast(pipeline, names, memo, view, hash_memo)
+    ids = {name: plan.image_id for name, plan in planned.items() if plan.image_id is not None}
+    if len(ids) < len(names):
+        return None
+    for name in names:
+        stage = pipeline.stages[name]
+        base = view.base_ids(pipeline, name, stage.build) if stage.build is not None else None
+        memo.remember(pipeline.display_name, name, planned[name], ids[name], base, stage.image)
+    memo.save()
+    return ids

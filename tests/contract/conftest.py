@@ -259,3 +259,23 @@ def cluster() -> Iterator[dict[str, Any]]:
     core.delete_namespace(namespace)
 
 
+
+
+def assert_a_second_machine_runs_it_as_remote_hits(docker_client: Any, pipeline: Path, first: dict[str, Any]) -> None:
+    """`pipeline` (a file on the local executor) run with a state dir of its own, as on another machine: every
+    stage a remote hit from run `first` (the `pipe show --json` of the cluster's run), its artifacts the same
+    digests, and no container started."""
+    from tests.e2e.helpers import containers_created, pipe, pipe_json
+
+    state = pipeline.parent / "machine-b"
+    since = time.time()
+    second = pipe("run", pipeline, "--state-dir", str(state), timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert containers_created(docker_client, state, since) == 0
+    shown = pipe_json("show", "latest", pipeline, "--state-dir", str(state))
+    ran = {s["stage"]: s for s in first["stages"]}
+    assert {s["stage"]: s["status"] for s in shown["stages"]} == dict.fromkeys(ran, "cached")
+    assert all(s["reason"].startswith(f"cached (remote) from run {first['id']}, fetched ") for s in shown["stages"])
+    for s in shown["stages"]:
+        assert [(x["path"], x["digest"]) for x in s["artifacts"]] == \
+            [(x["path"], x["digest"]) for x in ran[s["stage"]]["artifacts"]]

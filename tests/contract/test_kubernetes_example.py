@@ -6,7 +6,6 @@ engine and loaded into the node's engine (the cluster has no registry: pods run 
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.contract.conftest import NODE_DOCKER
-from tests.e2e.helpers import containers_created, pipe, pipe_json
+from tests.contract.conftest import NODE_DOCKER, assert_a_second_machine_runs_it_as_remote_hits
+from tests.e2e.helpers import pipe, pipe_json
 from tests.e2e.test_example import example  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.k8s
@@ -69,14 +68,4 @@ def test_the_example_runs_on_the_cluster_then_cached_then_locally_as_remote_hits
     local = yaml.safe_load(example.read_text())
     local.pop("executor")  # the local executor, on a second machine: its own cache, runs and pipe.db
     example.write_text(yaml.safe_dump(local, sort_keys=False))
-    b = ["--state-dir", str(example.parent / "machine-b")]
-    since = time.time()
-    second = pipe("run", example, *b)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert containers_created(docker_client, example.parent / "machine-b", since) == 0
-    shown = pipe_json("show", "latest", example, *b)
-    assert {s["stage"]: s["status"] for s in shown["stages"]} == dict.fromkeys(STAGES, "cached")
-    assert all(s["reason"].startswith(f"cached (remote) from run {first['id']}, fetched ") for s in shown["stages"])
-    for s in shown["stages"]:
-        assert [(x["path"], x["digest"]) for x in s["artifacts"]] == \
-            [(x["path"], x["digest"]) for x in by_stage[s["stage"]]["artifacts"]]
+    assert_a_second_machine_runs_it_as_remote_hits(docker_client, example, first)

@@ -17,8 +17,14 @@ from typing import Any
 
 import yaml
 
-from tests.contract.conftest import SWARM_HANDOFF, SWARM_HOST, SWARM_REGISTRY, SWARM_S3_NODE
-from tests.e2e.helpers import containers_created, pipe, pipe_json
+from tests.contract.conftest import (
+    SWARM_HANDOFF,
+    SWARM_HOST,
+    SWARM_REGISTRY,
+    SWARM_S3_NODE,
+    assert_a_second_machine_runs_it_as_remote_hits,
+)
+from tests.e2e.helpers import pipe, pipe_json
 from tests.e2e.test_example import example  # noqa: F401  (the fixture)
 
 STAGES = ("data", "train", "evaluate", "predict")
@@ -76,13 +82,4 @@ def test_the_example_runs_across_nodes_then_cached_then_locally_as_remote_hits(
     assert created == []  # cached stages are never submitted
 
     example.write_text(yaml.safe_dump(local_spec, sort_keys=False))  # a second machine on the local executor
-    since = time.time()
-    second = pipe("run", example, *b, timeout=600)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert containers_created(docker_client, root / "machine-b", since) == 0
-    shown = pipe_json("show", "latest", example, *b)
-    assert {s["stage"]: s["status"] for s in shown["stages"]} == dict.fromkeys(STAGES, "cached")
-    assert all(s["reason"].startswith(f"cached (remote) from run {first['id']}, fetched ") for s in shown["stages"])
-    for s in shown["stages"]:
-        assert [(x["path"], x["digest"]) for x in s["artifacts"]] == \
-            [(x["path"], x["digest"]) for x in rows[s["stage"]]["artifacts"]]
+    assert_a_second_machine_runs_it_as_remote_hits(docker_client, example, first)

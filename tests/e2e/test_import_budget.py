@@ -3,7 +3,8 @@
 Each command runs as a user runs it (`python -m orchestrator`, a fresh interpreter) and reports the top-level
 modules in sys.modules as it leaves. `pipe status` and a local dry run read the engine's images over its socket
 (engine_socket.py) and order stages without networkx (plan.py), so neither the Docker SDK nor networkx may enter;
-`pipe --help` opens no history either; a no-op `pipe run` needs the SDK but not networkx. Nothing loads what
+`pipe --help` opens no history either; a no-op `pipe run` (every image there, every stage cached, no container
+left to sweep) needs neither, and a run that starts a container loads the SDK. Nothing loads what
 only another executor, the remote or plots need.
 """
 
@@ -63,12 +64,12 @@ def test_status_and_a_dry_run_load_neither_the_docker_sdk_nor_networkx(
         assert loaded & ({"networkx"} | SDK | ELSEWHERE) == set(), args
 
 
-def test_a_no_op_run_loads_the_sdk_but_not_networkx(
+def test_a_no_op_run_loads_neither_the_sdk_nor_networkx_and_a_run_that_starts_a_container_does(
         docker: Any, make_pipeline: Callable[..., Path], tmp_path: Path) -> None:
     path = make_pipeline(PIPELINE, {"raw.txt": "x\n"})
-    first = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path)], capture_output=True,
-                           text=True, check=False, timeout=300)
-    assert first.returncode == 0, first.stdout + first.stderr
+    first = imports_of(tmp_path, "run", path)
+    assert "docker" in first  # the probe sees the SDK when a stage runs
     loaded = imports_of(tmp_path, "run", path)
-    assert "docker" in loaded
-    assert loaded & ({"networkx"} | ELSEWHERE) == set()
+    assert loaded & ({"networkx"} | SDK | ELSEWHERE) == set()
+    (path.parent / "raw.txt").write_text("y\n")
+    assert "docker" in imports_of(tmp_path, "run", path)
