@@ -26,7 +26,15 @@ from orchestrator.plan import Plan, Selection, build_plan
 from orchestrator.results import RunStatus, RunSummary, StageResult, StageStatus
 from orchestrator.spec import Pipeline, Schedule
 from orchestrator.state import StateDir
-from orchestrator.store.records import MetricPoint, RunInfo, StageHistory, StageRunInfo, TickAction, TickInfo
+from orchestrator.store.records import (
+    HistoryReads,
+    MetricPoint,
+    RunInfo,
+    StageHistory,
+    StageRunInfo,
+    TickAction,
+    TickInfo,
+)
 
 if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the commands that use them
     from orchestrator.backend import Backend
@@ -121,6 +129,21 @@ def read_store(loaded: Loaded) -> Iterator[Store]:
         store.close()
 
 
+@contextmanager
+def status_history(loaded: Loaded) -> Iterator[HistoryReads]:
+    """What `pipe status` reads, as read_store gives it; on a SQLite file read with the standard library
+    (store/sqlite_reader.py), so the command does not import SQLAlchemy (issue 20)."""
+    from orchestrator.store.sqlite_reader import SqliteHistory, sqlite_path
+
+    path = sqlite_path(loaded.db_url)
+    if path is None:
+        with read_store(loaded) as store:
+            yield store
+        return
+    with SqliteHistory(path) as history:
+        yield history
+
+
 def validate(target: Target, check_images: bool = True, docker_url: str | None = None,
              reporter: Reporter | None = None) -> Pipeline:
     """Load and check a file (and, with the engine, its GPUs and that its images exist or build, reporting
@@ -209,7 +232,7 @@ class _StoreHistory:
     `exclude_run`: the run being recorded, whose own records (a failed attempt) are not its stages' history.
     Thread-safe: a run's stages decide from parallel's threads."""
 
-    def __init__(self, store: Store, pipeline: str, exclude_run: str | None = None) -> None:
+    def __init__(self, store: HistoryReads, pipeline: str, exclude_run: str | None = None) -> None:
         self._store, self._pipeline, self._exclude = store, pipeline, exclude_run
         self._histories: dict[str, StageHistory] | None = None
         self._lock = threading.Lock()
@@ -229,7 +252,7 @@ class _StoreHistory:
         return history.last_record if history else None
 
 
-def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: Store, state: StateDir,
+def _forecast(pipeline: Pipeline, order: tuple[str, ...], store: HistoryReads, state: StateDir,
               images: Mapping[str, ImageForecast], upstream: Mapping[str, Upstream],
               force: frozenset[str], cache: CacheStore | None = None) -> Forecast:
     """decide() for every stage as a dry run. The cache store, by default the one `remote:` asks for (local,
@@ -581,7 +604,7 @@ def status(target: Target, backend: Backend | None = None) -> StatusReport:
     are checked with the engine's read-only view when it answers; without one, from what the last resolution
     recorded (base images are then assumed unchanged)."""
     loaded = load(target)
-    with read_store(loaded) as store:
+    with status_history(loaded) as store:
         run = store.latest_run(loaded.pipeline.display_name)
         decisions = _next_run(loaded, store, backend)
     from orchestrator.prune import disk_use
@@ -596,7 +619,7 @@ def next_run(target: Target, backend: Backend | None = None, cache: CacheStore |
         return _next_run(loaded, store, backend, cache)
 
 
-def _next_run(loaded: Loaded, store: Store, backend: Backend | None, cache: CacheStore | None = None
+def _next_run(loaded: Loaded, store: HistoryReads, backend: Backend | None, cache: CacheStore | None = None
               ) -> list[Decision]:
     from orchestrator.backend import DockerBackend
     from orchestrator.errors import EngineError

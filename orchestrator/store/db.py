@@ -21,9 +21,8 @@ from sqlalchemy.pool import StaticPool
 
 from orchestrator.errors import StoreError
 from orchestrator.store import migrations
-from orchestrator.store.migrations import SCHEMA_VERSION
+from orchestrator.store.schema import BUSY_TIMEOUT_MS, SCHEMA_VERSION, check_readable, check_version
 
-BUSY_TIMEOUT_MS = 10_000
 WRITE = "pipe_write"  # execution option: this engine's transactions will write (SQLite: BEGIN IMMEDIATE)
 SUPPORTED = ("sqlite", "postgresql")
 _MIGRATION_LOCK = 0x70697065  # "pipe": a PostgreSQL advisory lock so two first opens do not both migrate
@@ -168,14 +167,14 @@ def _sqlite_begin(conn: Connection) -> None:
 def _ensure_schema(engine: Engine, name: str) -> None:
     with engine.connect() as conn:
         version = migrations.current_version(conn)
-    _check_version(version, name)
+    check_version(version, name)
     if version == SCHEMA_VERSION:
         return
     with engine.execution_options(**{WRITE: True}).begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         version = migrations.current_version(conn)  # again, under the lock: another process may have won
-        _check_version(version, name)
+        check_version(version, name)
         if version is not None and version < SCHEMA_VERSION:
             migrations.upgrade(conn, version)
 
@@ -183,17 +182,4 @@ def _ensure_schema(engine: Engine, name: str) -> None:
 def _read_only_version(engine: Engine, name: str) -> int:
     """The schema version of a database opened read-only: SCHEMA_VERSION, or 0 when it is empty."""
     with engine.connect() as conn:
-        version = migrations.current_version(conn)
-    _check_version(version, name)
-    if version not in (0, SCHEMA_VERSION):
-        raise StoreError(f"history {name} is schema v{version}; run `pipe run` once to upgrade it "
-                         f"to v{SCHEMA_VERSION}")
-    return version or 0
-
-
-def _check_version(version: int | None, name: str) -> None:
-    if version is None:
-        raise StoreError(f"database {name} holds tables but no schema_version; it is not a pipe database")
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"database {name} has schema v{version} but this pipe knows v{SCHEMA_VERSION}; upgrade pipe")
+        return check_readable(migrations.current_version(conn), name)

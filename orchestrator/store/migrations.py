@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 6
+from orchestrator.store.schema import SCHEMA_VERSION
 
 _frozen = MetaData()
 

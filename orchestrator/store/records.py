@@ -6,17 +6,21 @@ Plain dataclasses: no SQLAlchemy here, so commands and the console can import th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from orchestrator.results import Artifact, RunStatus, StageStatus
+
+if TYPE_CHECKING:
+    from orchestrator.hashing import HashMemo
 
 Trigger = Literal["manual", "schedule"]
 TRIGGERS: tuple[Trigger, ...] = ("manual", "schedule")
 TickAction = Literal["fired", "skipped", "coalesced"]
 TICK_ACTIONS: tuple[TickAction, ...] = ("fired", "skipped", "coalesced")
 RUNNING = "running"  # what --json shows for a stage whose status is still None
+INTERRUPTED = "interrupted"  # the reason of a stage whose run's owner died while it ran
 
 
 def iso_utc(moment: datetime | None) -> str | None:
@@ -195,3 +199,31 @@ class ServeEventInfo:
     def to_json(self) -> dict[str, Any]:
         return {"at": iso_utc(self.at), "event": self.event, "run_id": self.run_id, "digest": self.digest,
                 "ok": self.ok, "detail": self.detail}
+
+
+def interrupted_view(info: RunInfo, at: datetime, reason: str) -> RunInfo:
+    """A running run whose owner is provably gone, as answered before any command marks it: interrupted at
+    `at`, its unfinished stages failed with `reason` (what Store.mark_interrupted writes)."""
+    stages = tuple(_failed_at(s, at, reason) if s.status is None else s for s in info.stages)
+    return replace(info, status=RunStatus.INTERRUPTED, finished_at=at, stages=stages)
+
+
+def _failed_at(stage: StageRunInfo, at: datetime, reason: str) -> StageRunInfo:
+    end = max(at, stage.started_at) if stage.started_at else at  # it may have started after the last heartbeat
+    return replace(stage, status=StageStatus.FAILED, reason=reason, finished_at=end,
+                   duration_s=seconds_between(stage.started_at, end))
+
+
+def seconds_between(start: datetime | None, end: datetime) -> float | None:
+    return (end - start).total_seconds() if start else None
+
+
+class HistoryReads(Protocol):
+    """What a forecast and `pipe status` read of history: Store answers it, and on a SQLite file so does
+    sqlite_reader.SqliteHistory, without SQLAlchemy."""
+
+    def latest_run(self, pipeline: str) -> RunInfo | None: ...
+
+    def stage_histories(self, pipeline: str, exclude_run: str | None = None) -> dict[str, StageHistory]: ...
+
+    def hash_memo(self) -> HashMemo: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -36,6 +36,7 @@ from orchestrator.store.models import (
     TickRow,
 )
 from orchestrator.store.records import (
+    INTERRUPTED,
     TICK_ACTIONS,
     TRIGGERS,
     MetricPoint,
@@ -46,10 +47,11 @@ from orchestrator.store.records import (
     TickAction,
     TickInfo,
     Trigger,
+    interrupted_view,
+    seconds_between,
 )
 
 LATEST = "latest"
-INTERRUPTED = "interrupted"  # the reason of a stage whose run's owner died while it ran
 _WITH_DETAILS = (selectinload(StageRunRow.artifacts), selectinload(StageRunRow.metrics))
 _WITH_STAGES = (selectinload(RunRow.stages).selectinload(StageRunRow.artifacts),
                 selectinload(RunRow.stages).selectinload(StageRunRow.metrics))
@@ -218,7 +220,7 @@ class Store:
                 if stage.status is None:
                     end = max(now, stage.started_at) if stage.started_at else now
                     stage.status, stage.reason, stage.finished_at = StageStatus.FAILED, reason, end
-                    stage.duration_s = _seconds(stage.started_at, end)
+                    stage.duration_s = seconds_between(stage.started_at, end)
             return True
 
     def mark_dead_runs(self, pipeline: str) -> list[str]:
@@ -558,24 +560,9 @@ def _run_infos(session: Session, rows: Sequence[RunRow], with_stages: bool) -> l
     for row in rows:
         info = _run_info(row, with_stages)
         if row.id in dead:
-            info = _interrupted(info, row.heartbeat_at or _db_now(session), f"{INTERRUPTED}: {dead[row.id]}")
+            info = interrupted_view(info, row.heartbeat_at or _db_now(session), f"{INTERRUPTED}: {dead[row.id]}")
         infos.append(info)
     return infos
-
-
-def _interrupted(info: RunInfo, at: datetime, reason: str) -> RunInfo:
-    stages = tuple(_failed_at(s, at, reason) if s.status is None else s for s in info.stages)
-    return replace(info, status=RunStatus.INTERRUPTED, finished_at=at, stages=stages)
-
-
-def _failed_at(stage: StageRunInfo, at: datetime, reason: str) -> StageRunInfo:
-    end = max(at, stage.started_at) if stage.started_at else at  # it may have started after the last heartbeat
-    return replace(stage, status=StageStatus.FAILED, reason=reason, finished_at=end,
-                   duration_s=_seconds(stage.started_at, end))
-
-
-def _seconds(start: datetime | None, end: datetime) -> float | None:
-    return (end - start).total_seconds() if start else None
 
 
 def _run_info(row: RunRow, with_stages: bool) -> RunInfo:
