@@ -3,9 +3,9 @@
 requests, urllib3: about a fifth of their start-up).
 
 Read-only: `GET /images/json` once (imageplan.ImageIndex), then `GET /images/{ref}/json` for a reference the list
-does not name, the very calls the SDK's `images.get` makes; `GET /containers/json` with label filters. Only for an engine on a unix socket (DOCKER_HOST unset
-or `unix://...`); a TCP or SSH engine, with its TLS settings, is the SDK's (docker_executor.connect). Knows
-nothing of stages, caches or history.
+does not name, the very calls the SDK's `images.get` makes; `GET /containers/json` with label filters. Only for an
+engine on a unix socket (DOCKER_HOST unset or `unix://...`); a TCP or SSH engine, with its TLS settings, is the
+SDK's (docker_executor.connect). Knows nothing of stages, caches or history.
 """
 
 from __future__ import annotations

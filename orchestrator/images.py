@@ -102,13 +102,15 @@ def resolve_images(
     reached. Identical contexts are built once.
 
     Each build emits BuildStarted, BuildProgress per output line and BuildFinished, also when it fails or is
-    interrupted. With `seed_cache` (a swarm manager's builds), the pipeline's own stage images already on the
-    engine are the build's cache sources (`docker build --cache-from`), so a manager that never built them reuses
-    images loaded onto it (`docker save | docker load` from a machine that built them): the same steps give the
-    same image id, where the engine's own cache knows only images it built itself. Its output goes to a file in `log_dir` (default: builds/ beside the memo), kept only when the
+    interrupted. Its output goes to a file in `log_dir` (default: builds/ beside the memo), kept only when the
     build fails; the ImageError names it. An exception raised while a build runs (KeyboardInterrupt from the
     CLI's signal handler) stops the build: its connection is closed and its intermediate container removed. A
-    context edited while it was being built is not remembered (the next run builds it again)."""
+    context edited while it was being built is not remembered (the next run builds it again).
+
+    With `seed_cache` (a swarm manager's builds), the pipeline's own stage images already on the engine are the
+    build's cache sources (`docker build --cache-from`), so a manager that never built them reuses images loaded
+    onto it (`docker save | docker load` from a machine that built them): the same steps give the same image id,
+    where the engine's own cache knows only the images it built itself."""
     log_dir = log_dir or memo_path.parent / "builds"
     memo = ImageMemo.load(memo_path)
     view = DockerView(client)
