@@ -17,17 +17,7 @@ from sqlalchemy.sql.expression import Executable
 
 from orchestrator.hashing import StatKey
 from orchestrator.store.models import FileHashRow
-
-_INT64 = 1 << 63
-
-
-def _signed(value: int) -> int:
-    """The signed 64-bit integer with the same bits: st_dev and st_ino are unsigned and may exceed 2**63."""
-    return value - (1 << 64) if value >= _INT64 else value
-
-
-def _unsigned(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
+from orchestrator.store.schema import signed64, unsigned64
 
 
 class SqlHashMemo:
@@ -62,7 +52,7 @@ class SqlHashMemo:
                 self._load().update(pending)
                 return
             try:
-                rows = [{"path": path, "dev": _signed(key[0]), "ino": _signed(key[1]), "size": key[2],
+                rows = [{"path": path, "dev": signed64(key[0]), "ino": signed64(key[1]), "size": key[2],
                          "mtime_ns": key[3], "digest": digest} for path, (key, digest) in pending.items()]
                 with self._write() as session:
                     session.execute(_upsert(session), rows)  # one statement, executed for many rows
@@ -77,7 +67,7 @@ class SqlHashMemo:
             with self._read() as session:
                 rows = session.execute(select(FileHashRow.path, FileHashRow.dev, FileHashRow.ino,
                                               FileHashRow.size, FileHashRow.mtime_ns, FileHashRow.digest))
-                self._known = {path: ((_unsigned(dev), _unsigned(ino), size, mtime_ns), digest)
+                self._known = {path: ((unsigned64(dev), unsigned64(ino), size, mtime_ns), digest)
                                for path, dev, ino, size, mtime_ns, digest in rows}
         return self._known
 

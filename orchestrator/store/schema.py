@@ -26,3 +26,14 @@ def check_readable(version: int | None, name: str) -> int:
         raise StoreError(f"history {name} is schema v{version}; run `pipe run` once to upgrade it "
                          f"to v{SCHEMA_VERSION}")
     return version or 0
+
+
+def signed64(value: int) -> int:
+    """The signed 64-bit integer with the same bits: how file_hash stores st_dev and st_ino, which are unsigned
+    and may exceed 2**63 (both backends' BIGINT is signed)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned64(value: int) -> int:
+    """signed64 undone: the stat value a file_hash row was written from."""
+    return value + (1 << 64) if value < 0 else value

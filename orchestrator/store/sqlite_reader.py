@@ -31,7 +31,7 @@ from orchestrator.store.records import (
     Trigger,
     interrupted_view,
 )
-from orchestrator.store.schema import BUSY_TIMEOUT_MS, check_readable
+from orchestrator.store.schema import BUSY_TIMEOUT_MS, check_readable, unsigned64
 
 _RUN = ("id, pipeline, pipeline_path, pipeline_hash, trigger, status, started_at, finished_at, git_commit, host, "
         "pid, exit_code, params_override, git_dirty, owner_process, heartbeat_at, lease_expires_at")
@@ -137,7 +137,7 @@ class SqliteHistory:
         """A HashMemo over the `file_hash` table; its puts stay in this process (a read writes no history)."""
         def read(conn: sqlite3.Connection) -> dict[str, tuple[StatKey, str]]:
             rows = conn.execute("SELECT path, dev, ino, size, mtime_ns, digest FROM file_hash")
-            return {path: ((_unsigned(dev), _unsigned(ino), size, mtime_ns), digest)
+            return {path: ((unsigned64(dev), unsigned64(ino), size, mtime_ns), digest)
                     for path, dev, ino, size, mtime_ns, digest in rows}
 
         return ReadOnlyHashMemo(self._read(read, {}))
@@ -236,10 +236,6 @@ def _run_info(row: Sequence[Any], stages: Iterable[StageRunInfo]) -> RunInfo:
 def _utc(value: str | None) -> datetime | None:
     """SQLAlchemy's SQLite text ("2026-12-02 10:19:14.123456", naive UTC) or CURRENT_TIMESTAMP's, made aware."""
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-def _unsigned(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
