@@ -74,6 +74,7 @@ class RunRequest:
     gate: bool = True  # False: --no-gate, the gates are not checked (recorded as a warning)
     executor: Literal["local", "swarm", "kubernetes"] | None = None  # --executor; None: the file's executor.kind
     kube_context: str | None = None  # --kube-context; None: the file's executor.context (or the current one)
+    fetch: Literal["none", "final", "all"] = "final"  # --fetch: which outputs a cluster run brings to this host
 
 
 @dataclass
@@ -287,6 +288,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     """prepare -> lock -> recover -> images -> hash inputs -> execute -> record (docs/architecture.md)."""
     from orchestrator import sharing
     from orchestrator.backend import backend_for
+    from orchestrator.cache import Cache
     from orchestrator.hashing import hash_tree
     from orchestrator.recorder import Recorder
     from orchestrator.runner import StageRunner, hash_inputs
@@ -296,7 +298,8 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor, request.kube_context)
     check_gpus(prepared.pipeline, prepared.plan.order, backend)
     pipeline, order, state = prepared.pipeline, prepared.plan.order, prepared.loaded.state.ensure()
-    caches = sharing.cache_store(pipeline, state, fetch=True)
+    caches = sharing.cache_store(pipeline, state, fetch=not backend.stores_outputs)
+    fetched = fetched_stages(request.fetch, pipeline, order)
     sharing.check_remote(pipeline, caches, reporter)
     with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
         backend.sweep(str(state.root), is_alive=store.run_alive)
@@ -317,6 +320,8 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
             image_ids=image_ids, input_digests=input_digests,
             rehash=lambda rel: hash_tree(pipeline.root / rel, memo).digest,
             upstream=upstream, secrets=prepared.secrets, force=prepared.force, gate=request.gate,
+            stored=caches if backend.stores_outputs and not isinstance(caches, Cache) else None,
+            fetch=fetched.__contains__,
         )
         try:
             report = _execute(prepared, request, run_stage, recorder, cancel, executor.stop_all, backend.capacity())
@@ -334,6 +339,17 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
                 reporter.emit(Notice(line))
         reporter.emit(RunFinished(summary))
         return summary
+
+
+def fetched_stages(fetch: str, pipeline: Pipeline, order: tuple[str, ...]) -> frozenset[str]:
+    """The stages whose outputs a cluster run brings to this host: `all`, `none`, or `final`, the stages of the
+    run that no other stage of it needs (its leaves)."""
+    if fetch == "all":
+        return frozenset(order)
+    if fetch == "none":
+        return frozenset()
+    needed = {up for name in order for up in pipeline.stages[name].needs}
+    return frozenset(name for name in order if name not in needed)
 
 
 def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
@@ -408,7 +424,11 @@ def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, 
             if up in selected or up in found:
                 continue
             last = history.last_success(up)
-            if last is None or not last.outputs_path or not last.outputs_digest or not Path(last.outputs_path).is_dir():
+            if last is not None and last.outputs_path and last.outputs_digest and not Path(last.outputs_path).is_dir():
+                run = Path(last.outputs_path).parent.name  # runs/<run id>/<stage>
+                raise UsageError(f"stage {name} needs the outputs of {up} from run {run}, which are not on this "
+                                 f"host (left in the remote, or pruned): `pipe pull {run} --stage {up}` brings them")
+            if last is None or not last.outputs_path or not last.outputs_digest:
                 raise UsageError(
                     f"stage {name} needs the outputs of {up} from an earlier run, but there are none; "
                     f"run `pipe run --from {up}` first"
@@ -460,6 +480,12 @@ def _run_status(value: str | None) -> RunStatus | None:
 def parse_executor(value: str | None) -> Literal["local", "swarm", "kubernetes"] | None:
     if value not in (None, "local", "swarm", "kubernetes"):
         raise UsageError(f"unknown executor {value!r}: use local, swarm or kubernetes")
+    return value  # type: ignore[return-value]
+
+
+def parse_fetch(value: str) -> Literal["none", "final", "all"]:
+    if value not in ("none", "final", "all"):
+        raise UsageError(f"unknown --fetch {value!r}: use none, final or all")
     return value  # type: ignore[return-value]
 
 

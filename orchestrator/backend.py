@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 
 class Backend(Protocol):
+    stores_outputs: bool  # its executor leaves outputs in the remote's blobs (ExecResult.stored_outputs): swarm
+
     def executor(self) -> Executor:
         """A new executor for one run."""
         ...
@@ -55,6 +57,8 @@ class DockerBackend:
     """The local engine. The SDK's client is made when first needed (EngineError then, if the engine does not
     answer); an image forecast on a unix socket reads the engine with the standard library (engine_socket.py), so
     `pipe status` and a dry run do not import the Docker SDK (issue 20)."""
+
+    stores_outputs = False
 
     def __init__(self, docker_url: str | None = None) -> None:
         self._docker_url = docker_url
@@ -162,6 +166,8 @@ class KubernetesBackend:
     """Stages as batch/v1 Jobs (kube_executor.py). Images are built and resolved on the local engine, as for
     Docker, so cache keys are the same on both; a pod gets the image id (`sha256:...`, pull policy Never: the
     nodes already hold it) or, for an image pushed to a registry, its `repo@sha256:...` digest (IfNotPresent)."""
+
+    stores_outputs = False  # its pods upload to presigned URLs; the outputs come to this host
 
     def __init__(self, pipeline: Pipeline, docker_url: str | None = None) -> None:
         from orchestrator import kube_executor

@@ -6,7 +6,9 @@ into the outputs folder, save uploads the outputs; for a host without a local ca
 local cache first, then the remote: for a run (`fetch=True`) a remote hit is brought into the local cache (its
 blobs verified, then its manifest filed with Cache.adopt) before decide() returns, so the decision is final and
 the restore is local; for a dry run or `pipe status` (`fetch=False`) a remote hit is only reported, nothing is
-written. decide() and the runner speak to a CacheStore and never touch blobs or manifests themselves.
+written. decide() and the runner speak to a CacheStore and never touch blobs or manifests themselves. A swarm
+run also uses `fetch=False`: a remote hit is brought in by restore() only for a stage whose outputs come to this
+host (--fetch), and the LayeredCache is the runner's StoredOutputs, where nodes leave outputs in the blobs.
 
 Pushing (upload after a run, `pipe push`) and pulling (`pipe pull`) move entries between the local cache and a
 remote: `push` and `pull` here, reporting per entry. No S3 library here: objectstore.py is the only one.
@@ -14,7 +16,6 @@ remote: `push` and `pull` here, reporting per entry. No S3 library here: objects
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -27,8 +28,17 @@ from orchestrator.cache import Cache, Fetched, Lookup, Manifest
 from orchestrator.cachekey import Ingredients
 from orchestrator.errors import PipeError, RemoteError
 from orchestrator.hashing import TreeDigest
-from orchestrator.objectstore import TRANSFER_WORKERS, ObjectStore
-from orchestrator.remote import RemoteMiss, fetch_blobs, manifest_key, push_entry, read_manifest
+from orchestrator.objectstore import TRANSFER_WORKERS, ObjectStore, bounded_map
+from orchestrator.remote import (
+    RemoteMiss,
+    blob_key,
+    blobs_of,
+    fetch_blobs,
+    manifest_key,
+    push_entry,
+    read_manifest,
+    restore_tree,
+)
 
 
 class CacheStore(Protocol):
@@ -86,14 +96,7 @@ class RemoteCache:
 
     def restore(self, manifest: Manifest, dest: Path) -> None:
         """Downloads every file into dest, each verified against its digest (RemoteMiss, a PipeError, if not)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        for folder in manifest.empty_dirs:
-            (dest / folder).mkdir(parents=True, exist_ok=True)
-        fetch_blobs(self.store, manifest, lambda entry: dest / entry.path, self.workers)  # one per file
-        for entry in manifest.files:
-            if entry.link is not None:
-                (dest / entry.path).parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(entry.link, dest / entry.path)
+        restore_tree(self.store, manifest, dest, self.workers)
 
     def save(self, key: str, outputs_dir: Path, tree: TreeDigest, ingredients: Ingredients, run_id: str,
              stage: str) -> Manifest:
@@ -123,7 +126,8 @@ class LayeredCache:
         return self.remote.url
 
     def from_remote(self, key: str) -> bool:
-        """Whether this store brought `key` from the remote (the push after the run need not send it back)."""
+        """Whether this store found `key` on the remote, brought it or filed it there (the push after the run
+        need not send it)."""
         with self._lock:
             return key in self._from_remote
 
@@ -138,6 +142,8 @@ class LayeredCache:
         if there.manifest is None:
             return Lookup(None, _join(found.problem, there.problem))
         if not self.fetch:
+            with self._lock:
+                self._from_remote.add(key)  # there already: never pushed back
             return there
         brought = self.bring(there.manifest)
         return brought if brought.manifest is not None else Lookup(None, _join(found.problem, brought.problem))
@@ -164,7 +170,30 @@ class LayeredCache:
         return Lookup(filed, remote=self.remote.url, fetched=fetched)
 
     def restore(self, manifest: Manifest, dest: Path) -> None:
+        """A local restore; a remote hit that decide() left on the remote (fetch=False) is brought here first."""
+        if self.local.lookup(manifest.key).manifest is None:
+            brought = self.bring(manifest)
+            if brought.manifest is None:
+                raise RemoteError(brought.problem or f"remote cache entry {manifest.key[:12]} could not be fetched")
         self.local.restore(manifest, dest)
+
+    # -- outputs a cluster executor left in the remote's blobs (runner.StoredOutputs) --------------------------
+
+    def file(self, key: str, tree: TreeDigest, ingredients: Ingredients, run_id: str, stage: str) -> None:
+        """The manifest of outputs whose blobs a node has just sent: a put, not put_if_absent, so that it
+        replaces an entry of this key whose blob went missing (the reason the stage ran again)."""
+        manifest = Manifest(key=key, digest=tree.digest, files=tree.files, empty_dirs=tree.empty_dirs,
+                            ingredients=ingredients, created_at=datetime.now(UTC), run_id=run_id, stage=stage)
+        self.remote.store.put_bytes(manifest_key(key), manifest.to_json().encode("utf-8"))
+        with self._lock:
+            self._from_remote.add(key)  # on the remote already: the push after the run has nothing to send
+
+    def has_blobs(self, tree: TreeDigest) -> bool:
+        blobs = [blob_key(digest) for digest in blobs_of(tree)]
+        return all(bounded_map(self.remote.store.exists, blobs, self.remote.workers))  # a HEAD each, in parallel
+
+    def download(self, tree: TreeDigest, dest: Path) -> None:
+        restore_tree(self.remote.store, tree, dest, self.remote.workers)
 
     def save(self, key: str, outputs_dir: Path, tree: TreeDigest, ingredients: Ingredients, run_id: str,
              stage: str) -> Manifest:

@@ -54,6 +54,7 @@ def run(
     plain: Annotated[bool, typer.Option("--plain", help="Plain log lines even on a terminal.")] = False,
     executor: Annotated[str | None, typer.Option("--executor", help="local, swarm or kubernetes (default: the file's executor.kind).")] = None,
     kube_context: Annotated[str | None, typer.Option("--kube-context", help="The kubeconfig context (kubernetes executor; default: executor.context, else the current one).")] = None,
+    fetch: Annotated[str, typer.Option("--fetch", help="swarm: whose outputs come to this host: none, final (the stages nothing in the run needs) or all; the rest stay in the remote (`pipe pull RUN`).")] = "final",
     state_dir: StateDirOpt = None,
     db: DbOpt = None,
     json_out: JsonOpt = False,
@@ -70,7 +71,7 @@ def run(
         selection=Selection(stage=stage, from_stage=from_stage),
         jobs=jobs, keep_going=keep_going, force=True if force_all else frozenset(force or ()),
         gate=not no_gate, wait=wait, timeout_s=timeout_s, params=tuple(param or ()), trigger=api.parse_trigger(trigger) or "manual",
-        executor=api.parse_executor(executor), kube_context=kube_context,
+        executor=api.parse_executor(executor), kube_context=kube_context, fetch=api.parse_fetch(fetch),
     )
     if dry_run:
         forecast = api.dry_run(request)

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from orchestrator.hashing import TreeDigest
 
 LABEL_PREFIX = "dev.pipe"
 LABEL_MANAGED = f"{LABEL_PREFIX}.managed"  # "1" on every container pipe starts
@@ -28,6 +31,8 @@ class Mount:
     source: Path  # a host path
     target: str  # a path inside the container
     read_only: bool = True
+    stored: TreeDigest | None = None  # the content is in the object store's blobs (remote.py's layout) as this
+    # tree: a cluster executor's node takes it from there, and `source` need not exist on this host
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class ContainerSpec:
     tmp_bytes: int = 256 * 1024**2
     secrets: tuple[SecretFile, ...] = ()
     log_path: Path | None = None  # where the executor appends the container's output (capped)
+    fetch_outputs: bool = True  # False: a cluster executor leaves /outputs in the store (ExecResult.stored_outputs)
 
 
 class Outcome(StrEnum):
@@ -97,6 +103,8 @@ class ExecResult:
     node_lost: bool = False  # the node it ran on was lost (a cluster executor): `retry_on: [node_lost]` matches
     ran_on: RanOn | None = None  # None when no attempt reached a node (cancelled before, refused)
     warnings: tuple[str, ...] = ()  # what the sandbox lacked on this executor (kube_spec.sandbox_gaps), for history
+    stored_outputs: TreeDigest | None = None  # /outputs as the node hashed them, in the store's blobs (swarm);
+    # on the host too unless the spec said fetch_outputs=False
 
     @property
     def duration_s(self) -> float:

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,12 +131,16 @@ def hash_tree(path: Path, memo: HashMemo | None = None, workers: int = 1) -> Tre
     if not stat.S_ISDIR(st.st_mode):
         raise _special_error(root)
     regular, links, empty_dirs = _walk(root)
-    files = sorted([*_hash_files(regular, memo, workers, started_ns), *links], key=lambda e: e.path)
-    rows = [[e.path, e.digest, e.executable, e.link] for e in files]
-    empty_dirs.sort()
-    return TreeDigest(
-        canonical_hash({"files": rows, "empty_dirs": empty_dirs}), tuple(files), tuple(empty_dirs)
-    )
+    return tree_of([*_hash_files(regular, memo, workers, started_ns), *links], empty_dirs)
+
+
+def tree_of(files: Iterable[FileEntry], empty_dirs: Iterable[str]) -> TreeDigest:
+    """A folder's TreeDigest from its entries, in any order: what hash_tree computes once it has read the files,
+    and what a cluster executor's node listing (digests made where the bytes are) is turned into."""
+    entries = sorted(files, key=lambda e: e.path)
+    rows = [[e.path, e.digest, e.executable, e.link] for e in entries]
+    dirs = sorted(empty_dirs)
+    return TreeDigest(canonical_hash({"files": rows, "empty_dirs": dirs}), tuple(entries), tuple(dirs))
 
 
 def stat_key(st: os.stat_result) -> StatKey:

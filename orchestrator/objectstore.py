@@ -224,34 +224,6 @@ class ObjectStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get_file_sha256(self, key: str, dest: Path, expected_sha256: str) -> None:
-        """get_file for an object whose sha256 (not blake3) is known, e.g. a tar a swarm node's agent made with
-        sha256sum: streamed to a temporary file beside `dest`, checked, renamed; DigestMismatch otherwise."""
-        import hashlib
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            response = self._call("download", key, self._client.get_object, Bucket=self.bucket, Key=self._full(key))
-
-            def stream() -> str:
-                hasher = hashlib.sha256()
-                with open(tmp, "wb") as f:
-                    for chunk in response["Body"].iter_chunks(READ_BYTES):
-                        hasher.update(chunk)
-                        f.write(chunk)
-                return hasher.hexdigest()
-
-            actual = self._read_body(key, stream)
-            if actual != expected_sha256:
-                raise DigestMismatch(f"remote {self.url}: {key} is corrupt (its sha256 is {actual[:12]}, "
-                                     f"not {expected_sha256[:12]})", key)
-            os.replace(tmp, dest)
-        except OSError as e:
-            raise RemoteError(f"cannot write {dest}: {e.strerror or e}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
-
     def list(self, prefix: str = "") -> list[RemoteObject]:
         """Every object whose key starts with `prefix`, sorted by key."""
         found = []

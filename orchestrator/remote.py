@@ -22,7 +22,7 @@ from pathlib import Path
 
 from orchestrator.cache import Manifest
 from orchestrator.errors import RemoteError
-from orchestrator.hashing import FileEntry
+from orchestrator.hashing import FileEntry, TreeDigest
 from orchestrator.objectstore import TRANSFER_WORKERS, DigestMismatch, ObjectMissing, ObjectStore, bounded_map
 
 BLOBS = "blobs/"
@@ -56,7 +56,7 @@ def manifest_key(key: str) -> str:
     return f"{MANIFESTS}{key}.json"
 
 
-def blobs_of(manifest: Manifest) -> dict[str, FileEntry]:
+def blobs_of(manifest: Manifest | TreeDigest) -> dict[str, FileEntry]:
     """One entry per distinct content digest among the manifest's files (symlinks have no blob)."""
     return {entry.digest: entry for entry in manifest.files if entry.link is None}
 
@@ -123,12 +123,13 @@ def read_manifest(store: ObjectStore, key: str) -> Manifest | None:
 
 def fetch_blobs(
     store: ObjectStore,
-    manifest: Manifest,
+    manifest: Manifest | TreeDigest,
     blob_dest_of: Callable[[FileEntry], Path],
     workers: int = TRANSFER_WORKERS,
     on_file: Callable[[int], None] | None = None,
 ) -> Transfer:
-    """Every blob `manifest` names, in place at blob_dest_of(entry); Transfer.paths lists the ones downloaded.
+    """Every blob `manifest` (a cache entry, or a tree a cluster node stored) names, in place at
+    blob_dest_of(entry); Transfer.paths lists the ones downloaded.
 
     A blob whose destination already holds a file of the right size is not fetched (like the local cache's
     dedupe; the caller judges that file). Downloaded blobs are verified against their digest before they are
@@ -138,7 +139,8 @@ def fetch_blobs(
     that the push after the caller's re-run uploads it again and the entry heals (a missing one is re-uploaded
     likewise). Other RemoteErrors (unreachable, access denied) pass through. `on_file(size)` after each file.
     """
-    where = f"remote cache entry {manifest.key[:12]} in {store.url}"
+    where = (f"remote cache entry {manifest.key[:12]} in {store.url}" if isinstance(manifest, Manifest)
+             else f"stored outputs {manifest.digest[:12]} in {store.url}")
     todo, skipped, seen = [], 0, set()
     for entry in manifest.files:  # by destination, not digest: the local cache keeps .x blobs apart
         dest = blob_dest_of(entry)
@@ -162,6 +164,20 @@ def fetch_blobs(
     for _, dest, _, entry in todo:
         os.chmod(dest, 0o555 if entry.executable else 0o444)
     return Transfer(len(todo), sum(e.size for *_, e in todo), skipped, False, tuple(dest for _, dest, _, _ in todo))
+
+
+def restore_tree(store: ObjectStore, tree: Manifest | TreeDigest, dest: Path, workers: int = TRANSFER_WORKERS
+                 ) -> None:
+    """The tree's files downloaded into `dest` (each verified against its digest), its empty folders and
+    symlinks made there; RemoteMiss (a PipeError) when a blob is missing or corrupt."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for folder in tree.empty_dirs:
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    fetch_blobs(store, tree, lambda entry: dest / entry.path, workers)  # one per file
+    for entry in tree.files:  # links last: no file is ever written through one
+        if entry.link is not None:
+            (dest / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(entry.link, dest / entry.path)
 
 
 def _has_size(path: Path, size: int) -> bool:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.cachekey import Ingredients
 from orchestrator.decide import WORKDIR, Decision, History, decide
@@ -46,10 +47,29 @@ if TYPE_CHECKING:  # cachestore brings objectstore, and so boto3, which a pipeli
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where an upstream stage's outputs are and their content digest (the key uses the digest, not its key)."""
+    """Where an upstream stage's outputs are and their content digest (the key uses the digest, not its key);
+    `stored`: their tree when it is in the remote's blobs too (a cluster's nodes take it from there), and then
+    `path` may not exist on this host (outputs left in the store, --fetch)."""
 
     path: Path
     digest: str
+    stored: TreeDigest | None = None
+
+
+class StoredOutputs(Protocol):
+    """The remote's blobs, where a cluster executor leaves a stage's outputs (cachestore.LayeredCache)."""
+
+    def file(self, key: str, tree: TreeDigest, ingredients: Ingredients, run_id: str, stage: str) -> None:
+        """The cache entry of outputs whose blobs are on the remote already: its manifest there."""
+        ...
+
+    def has_blobs(self, tree: TreeDigest) -> bool:
+        """Whether every blob of the tree is on the remote (a remote hit left there must be whole)."""
+        ...
+
+    def download(self, tree: TreeDigest, dest: Path) -> None:
+        """The tree's files into dest, verified; PipeError when that cannot be done."""
+        ...
 
 
 def invoking_user() -> str:
@@ -90,12 +110,15 @@ class StageRunner:
         secrets: Mapping[str, str],
         force: frozenset[str],
         gate: bool = True,
+        stored: StoredOutputs | None = None,
+        fetch: Callable[[str], bool] = lambda name: True,
     ) -> None:
         self.pipeline, self.run_id, self.state = pipeline, run_id, state
         self.cache, self.executor, self.reporter, self.history = cache, executor, reporter, history
         self.image_ids, self.input_digests, self.secrets, self.force = image_ids, input_digests, secrets, force
         self._gate_baseline, self._rehash, self._gate = gate_baseline, rehash, gate
         self._upstream = upstream  # grows as stages finish; earlier runs' outputs for --stage
+        self._stored, self._fetch = stored, fetch  # stored: None when every output is made on this host
         self._lock = threading.Lock()
 
     def decide(self, name: str) -> Decision:
@@ -161,7 +184,8 @@ class StageRunner:
             warning = f"{name}: input {', '.join(changed)} changed while the stage ran; its outputs are not cached"
             self.reporter.emit(Notice(warning))
             base = replace(base, warnings=(*base.warnings, warning), cache_key=None, ingredients_json=None)
-        result_ok = self._succeeded(name, base, out, key if stage.cache and not changed else None, ingredients)
+        result_ok = self._succeeded(name, base, out, key if stage.cache and not changed else None, ingredients,
+                                    result.stored_outputs)
         if result_ok.status is StageStatus.SUCCEEDED and reasons:
             result_ok = replace(result_ok, reason=f"ran: {reasons}")
         return result_ok
@@ -182,11 +206,11 @@ class StageRunner:
         stage = self.pipeline.stages[name]
         resources = self.pipeline.resources_of(name)
         with self._lock:
-            upstream = {up: self._upstream[up].path for up in stage.needs}
+            upstream = {up: self._upstream[up] for up in stage.needs}
         mounts = [
             Mount(out, "/outputs", read_only=False),
             Mount(self.state.meta_dir(self.run_id, name), "/pipe"),
-            *(Mount(path, f"/inputs/{up}") for up, path in sorted(upstream.items())),
+            *(Mount(u.path, f"/inputs/{up}", stored=u.stored) for up, u in sorted(upstream.items())),
             *(Mount(self.pipeline.root / rel, f"{WORKDIR}/{rel}") for rel in stage.inputs),
         ]
         return ContainerSpec(
@@ -215,37 +239,58 @@ class StageRunner:
             tmp_bytes=self.pipeline.defaults.tmp_size,
             secrets=tuple(SecretFile(s, self.secrets[s]) for s in stage.secrets),
             log_path=self.state.log_path(self.run_id, name),
+            fetch_outputs=self._stored is None or self._fetch(name),
         )
 
-    def _succeeded(self, name: str, base: StageResult, out: Path, key: str | None,
-                   ingredients: Ingredients) -> StageResult:
-        """Hash the outputs and save them under `key` (None: not cached), then metrics and gate."""
-        try:
-            tree = hash_tree(out)
-        except PipeError as e:  # the stage left a fifo, socket, device or unreadable file: its fault, not pipe's
-            return replace(base, reason=f"outputs not stored: {e}")
-        if key is not None:
-            self.cache.save(key, out, tree, ingredients, self.run_id, name)
+    def _succeeded(self, name: str, base: StageResult, out: Path, key: str | None, ingredients: Ingredients,
+                   stored: TreeDigest | None) -> StageResult:
+        """Hash the outputs and save them under `key` (None: not cached), then metrics and gate. Outputs a
+        cluster's node stored (`stored`, their tree as the node hashed them) are filed on the remote as they
+        are; on this host too when they were fetched, checked against that tree."""
+        on_host = stored is None or self._stored is None or self._fetch(name)
+        if on_host:
+            try:
+                tree = hash_tree(out)
+            except PipeError as e:  # the stage left a fifo, socket, device or unreadable file: its fault
+                return replace(base, reason=f"outputs not stored: {e}")
+            if stored is not None and tree.digest != stored.digest:
+                return replace(base, infra_error=True, outcome=Outcome.ERROR,
+                               reason="the outputs fetched from the store differ from what the node stored")
+            if key is not None:
+                self.cache.save(key, out, tree, ingredients, self.run_id, name)
+        else:
+            assert stored is not None
+            tree = stored
+            remove_outputs(out)  # the empty folder the stage had: absent says "not on this host" (`pipe pull`)
+        if key is not None and stored is not None and self._stored is not None:
+            self._stored.file(key, tree, ingredients, self.run_id, name)
         result = replace(base, status=StageStatus.SUCCEEDED, reason="", outputs_digest=tree.digest,
                          artifacts=artifacts_of(tree))
-        return self._finish_outputs(name, result, out, tree)
+        return self._finish_outputs(name, result, out, tree, stored, on_host)
 
     def _restore(self, name: str, decision: Decision, attempt: int) -> StageResult:
-        """Restores a hit through the CacheStore; a remote hit's blobs are already local (decide fetched them),
-        so this is the local restore in every case, and the reason says where the entry came from."""
+        """Restores a hit through the CacheStore (a remote hit is brought into the local cache first, by decide()
+        or here), except a remote hit of a stage whose outputs stay in the store: nothing comes to this host,
+        and its downstream stages' nodes take it from the remote's blobs, which are checked to be there (an
+        entry with one missing is a miss: the stage runs again)."""
         manifest, ingredients = decision.manifest, decision.ingredients
         assert manifest is not None and ingredients is not None
-        reason = decision.reasons[0]
+        tree = TreeDigest(manifest.digest, manifest.files, manifest.empty_dirs)
+        remote_only = decision.remote is not None and self._stored is not None and not self._fetch(name)
+        if remote_only and not self._stored_whole(tree):
+            self.reporter.emit(Notice(f"{name}: remote cache entry {manifest.key[:12]} lacks a blob; re-running"))
+            self.reporter.emit(StagePlanned(name, True, ("cache entry incomplete",)))
+            return self._run(name, ingredients, attempt, "cache entry incomplete")
         self.reporter.emit(StagePlanned(name, False, decision.reasons))
         out = self.state.outputs_dir(self.run_id, name)
         now = datetime.now(UTC)
         remove_outputs(out)
-        self.cache.restore(manifest, out)
-        tree = TreeDigest(manifest.digest, manifest.files, manifest.empty_dirs)
+        if not remote_only:
+            self.cache.restore(manifest, out)
         result = StageResult(
             stage=name,
             status=StageStatus.CACHED,
-            reason=reason,
+            reason=decision.reasons[0],
             attempts=attempt,
             cache_key=manifest.key,
             cached_from=manifest.run_id,
@@ -257,14 +302,24 @@ class StageRunner:
             artifacts=artifacts_of(tree),
             ingredients_json=ingredients.to_json(),
         )
-        return self._finish_outputs(name, result, out, tree)
+        stored = tree if decision.remote is not None and self._stored is not None else None
+        return self._finish_outputs(name, result, out, tree, stored, on_host=not remote_only)
 
-    def _finish_outputs(self, name: str, result: StageResult, out: Path, tree: TreeDigest) -> StageResult:
-        """Metrics and gate, shared by fresh and restored outputs; publishes the outputs to downstream stages."""
+    def _stored_whole(self, tree: TreeDigest) -> bool:
+        assert self._stored is not None
+        try:
+            return self._stored.has_blobs(tree)
+        except PipeError:
+            return False
+
+    def _finish_outputs(self, name: str, result: StageResult, out: Path, tree: TreeDigest,
+                        stored: TreeDigest | None, on_host: bool) -> StageResult:
+        """Metrics and gate, shared by fresh and restored outputs; publishes the outputs to downstream stages.
+        Outputs left in the store (not on_host) give their metrics file alone, downloaded to read it."""
         stage = self.pipeline.stages[name]
         if stage.metrics is not None:
             try:
-                metrics = read_metrics(out, stage.metrics)
+                metrics = self._metrics(out, tree, stage.metrics, on_host)
             except MetricsError as e:
                 return replace(result, status=StageStatus.FAILED, reason=str(e))
             result = replace(result, metrics=metrics)
@@ -276,8 +331,20 @@ class StageRunner:
                     return replace(result, status=StageStatus.FAILED, reason=problem, gate_passed=False)
                 result = replace(result, gate_passed=True)
         with self._lock:
-            self._upstream[name] = Upstream(out, tree.digest)
+            self._upstream[name] = Upstream(out, tree.digest, stored)
         return result
+
+    def _metrics(self, out: Path, tree: TreeDigest, rel: str, on_host: bool) -> dict[str, float]:
+        if on_host:
+            return read_metrics(out, rel)
+        assert self._stored is not None
+        entry = [e for e in tree.files if e.path == rel and e.link is None]
+        with tempfile.TemporaryDirectory(prefix="pipe-metrics-") as tmp:
+            try:
+                self._stored.download(TreeDigest(tree.digest, tuple(entry)), Path(tmp))
+            except PipeError as e:
+                raise MetricsError(f"metrics file {rel} could not be read from the store: {e}") from e
+            return read_metrics(Path(tmp), rel)
 
 
 def remove_outputs(out: Path) -> None:

@@ -9,6 +9,7 @@ Credentials come from boto3's standard chain alone; no message here or below car
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
@@ -121,7 +122,8 @@ def push_run(target: Target, run: str = "latest", progress: Progress | None = No
 def pull(target: Target, run: str | None = None, stage: str | None = None, backend: Backend | None = None,
          progress: Progress | None = None) -> SyncReport:
     """`pipe pull [RUN] [--stage S]`: remote entries into the local cache. With RUN, the entries its stages
-    recorded (history may be shared, `--db`); without, the entries the next run would look up: the forecast
+    recorded (history may be shared, `--db`), and their outputs folders where this host lacks them (a swarm
+    run left them in the remote, --fetch); without, the entries the next run would look up: the forecast
     of `pipe status` (a stage whose key cannot be known yet, its image not built here or an upstream missing,
     is reported `unknown`, with why)."""
     from orchestrator import api
@@ -141,10 +143,15 @@ def pull(target: Target, run: str | None = None, stage: str | None = None, backe
     if run is not None:
         with api.read_store(loaded) as store:
             info = store.get_run(run, pipeline.display_name)
-        recorded: list[tuple[str, str | None, str]] = [
-            (s.stage, s.cache_key, "") for s in info.stages if s.cache_key and wanted(s.stage)
-            and s.status in (StageStatus.SUCCEEDED, StageStatus.CACHED)]
-        return pull_entries(layered, recorded, run_id=info.id)
+        done = [s for s in info.stages if s.cache_key and wanted(s.stage)
+                and s.status in (StageStatus.SUCCEEDED, StageStatus.CACHED)]
+        report = pull_entries(layered, [(s.stage, s.cache_key, "") for s in done], run_id=info.id)
+        for row in done:
+            folder = Path(row.outputs_path) if row.outputs_path else None
+            found = layered.local.lookup(row.cache_key or "")
+            if folder is not None and not folder.exists() and found.manifest is not None:
+                layered.local.restore(found.manifest, folder)
+        return report
     probe = LayeredCache(layered.local, remote, fetch=False)
     decisions = api.next_run(target, backend, cache=probe)
     items = [(d.stage, d.ingredients.key() if d.ingredients is not None else None, ", ".join(d.reasons))

@@ -5,7 +5,7 @@ Images: `build:` contexts and `image:` references are resolved on the manager (i
 manager's client, the pipeline's images already there as cache sources), then pushed to `registry/pipe/<stage>:<id>`; the runner keeps the image id (the cache key keeps
 it), the executor runs `registry/pipe/<stage>@sha256:<manifest>`, never a tag or a bare id.
 
-The agent image (busybox and rclone, about 55 MB) is made from this host's own binaries, imported on the manager
+The agent image (busybox, rclone and b3sum, about 56 MB) is made from this host's own binaries, imported on the manager
 and pushed, once per registry: nothing is pulled from anywhere.
 """
 
@@ -35,9 +35,10 @@ from orchestrator.objectstore import ObjectStore
 from orchestrator.spec import SWARM_NEEDS_STORE, Pipeline
 from orchestrator.swarm_executor import LABEL_ROLE, TERMINAL, UNENFORCED, SwarmExecutor, SwarmSettings
 
-AGENT_BINARIES = ("/bin/busybox", "/usr/bin/rclone")
-AGENT_LIBS = ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2")  # rclone's (Debian builds it
-# dynamically against glibc); busybox-static needs none
+AGENT_BINARIES = ("/bin/busybox", "/usr/bin/rclone", "/usr/bin/b3sum")
+AGENT_LIBS = ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libm.so.6",
+              "/lib/x86_64-linux-gnu/libgcc_s.so.1")  # rclone's and b3sum's (Debian builds them dynamically
+# against glibc); busybox-static needs none
 
 
 def sandbox_warnings(pipeline: Pipeline, stages: Iterable[str]) -> list[str]:
@@ -53,6 +54,9 @@ class SwarmBackend:
         if store is None or store.url is None:  # --executor swarm on a file that validated as local
             raise pipeline.error("executor.store", SWARM_NEEDS_STORE, at="executor")
         self._config = config.model_copy(update={"store": store})
+        # the push step leaves outputs in the store's blobs/: the remote cache's when it is the hand-off store (the
+        # default), so they come to this host only as --fetch says; from a store of its own, they all come
+        self.stores_outputs = pipeline.remote is not None and store.url == pipeline.remote.url
         self._client = connect(host or config.host)
         self._api: Any = self._client.api  # the SDK's low-level calls are untyped
         self._check_manager()
@@ -131,7 +135,7 @@ class SwarmBackend:
         missing = [p for p in (*AGENT_BINARIES, *AGENT_LIBS) if not Path(p).exists()]
         if missing:
             raise EngineError(f"the hand-off agent image needs {', '.join(missing)} (Debian: busybox-static, "
-                              "rclone)")
+                              "rclone, b3sum)")
         version = hashlib.sha256(b"".join(Path(p).read_bytes()[:1 << 20] for p in AGENT_BINARIES)).hexdigest()[:12]
         name = f"{self._config.registry}/pipe/agent"
         try:
@@ -238,15 +242,13 @@ def _swarm_memo(memo_path: Path) -> Path:
 
 
 def _agent_rootfs(dest: Path) -> None:
-    """A root file system of busybox (its applets as links), rclone and rclone's libraries."""
+    """A root file system of busybox (its applets as links), rclone, b3sum and their libraries."""
     with tempfile.TemporaryDirectory(prefix="pipe-agent-root-") as tmp:
         root = Path(tmp)
         for folder in ("bin", "usr/bin", "tmp", "etc", "lib/x86_64-linux-gnu", "lib64"):
             (root / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy2("/bin/busybox", root / "bin/busybox")
-        shutil.copy2("/usr/bin/rclone", root / "usr/bin/rclone")
-        for lib in AGENT_LIBS:
-            shutil.copy2(lib, root / lib.lstrip("/"))
+        for path in (*AGENT_BINARIES, *AGENT_LIBS):
+            shutil.copy2(path, root / path.lstrip("/"))
         import subprocess
 
         applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout

@@ -1,12 +1,15 @@
 """Runs one ContainerSpec as Docker Swarm service tasks: hand-off in, the stage, hand-off out; states, not exit codes.
 
 One attempt (host paths in, host paths out, as the Executor protocol says):
-  1. the spec's read-only mount sources go to the object store by content digest (handoff.stage_source);
-  2. a fetch task (the agent image) lands where the stage may run (its constraints and reservations), unpacks them
-     into a folder of the node's hand-off dir, and makes an empty writable folder for each writable mount;
+  1. the spec's read-only mount sources go to the object store: by content digest from this host
+     (handoff.stage_source), or, for content in the store's blobs already (Mount.stored), as a list (stage_tree);
+  2. a fetch task (the agent image) lands where the stage may run (its constraints and reservations), places them
+     into a folder of the node's hand-off dir, and makes an empty writable folder for the outputs;
   3. the stage task runs pinned to that node (node.id), the folders bound at the same targets, read-only or not;
-  4. a push task on that node sends the writable folders back and removes the task's folder, on every path;
-  5. pipe downloads them into the host paths the runner gave.
+  4. a push task on that node hashes the outputs, sends them to blobs/ with their listing, and removes the task's
+     folder, on every path;
+  5. pipe reads the listing (ExecResult.stored_outputs) and, unless the spec says fetch_outputs=False, downloads
+     the outputs into the host path the runner gave.
 Every task is a replicated service with restart condition none; pipe keeps the deadline, the cancel and a watch
 on the node; every service, secret and network is removed at the end. See README "Running on a Docker Swarm".
 """
@@ -52,12 +55,14 @@ from orchestrator.executor import (
     LABEL_STAGE,
     ContainerSpec,
     ExecResult,
+    Mount,
     Outcome,
     OutputSink,
     RanOn,
 )
 from orchestrator.hostfiles import TAIL_LINES, CappedLog, StageLogSink, redactions
 from orchestrator.objectstore import ObjectStore, bounded_map
+from orchestrator.remote import restore_tree
 from orchestrator.units import format_bytes, format_duration
 
 TERMINAL = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
@@ -210,8 +215,7 @@ class SwarmExecutor:
                  labels: dict[str, str], made: list[Callable[[], None]], started_at: datetime) -> ExecResult:
         image = self._refs.get(spec.image_id, spec.image_id)
         indexed = list(enumerate(spec.mounts))
-        staged = bounded_map(lambda im: (im[0], handoff.stage_source(self._store, im[1].source)),
-                             [im for im in indexed if im[1].read_only], 4)
+        staged = bounded_map(lambda im: (im[0], self._staged(im[1])), [im for im in indexed if im[1].read_only], 4)
         outputs = [i for i, m in indexed if not m.read_only]
         agent_secret = self._secret(f"{token}-s3", self._settings.rclone_config, labels, made)
         agent_ref = SecretReference(agent_secret, f"{token}-s3", filename="rclone.conf", mode=0o400)
@@ -240,7 +244,7 @@ class SwarmExecutor:
         binds = []
         for i, m in indexed:
             folder = f"{self._settings.handoff_dir}/{task_dir}/m{i}"
-            is_file = next((s.is_file for j, s in staged if j == i), False)
+            is_file = any(j == i and isinstance(s, handoff.Staged) and s.is_file for j, s in staged)
             binds.append((f"{folder}/{handoff.FILE_NAME}" if is_file else folder, m.target, m.read_only))
         refs = [SecretReference(self._secret(f"{token}-{s.name}", s.value, labels, made), f"{token}-{s.name}",
                                 filename=s.name, uid=(owner.split(":") + ["0"])[0],
@@ -251,19 +255,34 @@ class SwarmExecutor:
         if result.node_lost:  # no push task can run there; its folder is removed when the node is back
             self._clean_later(node_id, task_dir, labels, agent_ref)
             return result
-        out_key = f"handoff/out/{token}.tar"
-        push = handoff.push_script(task_dir, None if cancelled or not outputs else outputs[0], out_key,
+        push_outputs = bool(outputs) and not cancelled
+        listing = f"handoff/out/{token}.listing"
+        push = handoff.push_script(task_dir, outputs[0] if push_outputs else None, listing,
                                    self._settings.bucket_prefix)
         push_task, push_logs = self._agent(f"{token}-push", push, labels, agent_ref, [f"node.id=={node_id}"])
-        if cancelled or not outputs:
+        if not push_outputs:
             return result
-        sha = next((line.split("=", 1)[1] for line in push_logs if line.startswith(handoff.SHA_MARK)), None)
-        if (push_task.get("Status") or {}).get("State") != "complete" or not sha:
+        marked = {mark: line.removeprefix(mark) for line in push_logs
+                  for mark in (handoff.LISTING_MARK, handoff.ERROR_MARK) if line.startswith(mark)}
+        succeeded = result.outcome is Outcome.SUCCEEDED
+        if handoff.ERROR_MARK in marked:  # the stage left what no cache can hold: its fault, as on one host
+            why = f"outputs not stored: {marked[handoff.ERROR_MARK]}"
+            return replace(result, outcome=Outcome.FAILED, reason=why) if succeeded else result
+        if (push_task.get("Status") or {}).get("State") != "complete" or handoff.LISTING_MARK not in marked:
             return _result(Outcome.ERROR, result.exit_code,
                            f"hand-off from the node failed: {' | '.join(push_logs[-3:]) or 'no output'}", started_at)
-        out = next(m.source for m in spec.mounts if not m.read_only)
-        handoff.fetch_outputs(self._store, out_key, sha, out)
-        return result
+        tree = handoff.read_listing(self._store, listing, marked[handoff.LISTING_MARK])
+        with suppress(RemoteError):
+            self._store.delete([listing])  # read once; the tree is the manifest's content from here on
+        if spec.fetch_outputs or not succeeded:  # a failed stage's come for debugging, as on one host
+            restore_tree(self._store, tree, next(m.source for m in spec.mounts if not m.read_only))
+        return replace(result, stored_outputs=tree) if succeeded else result
+
+    def _staged(self, mount: Mount) -> handoff.Staged | handoff.StagedTree:
+        """A read-only mount's content in the store: by its tree when it is in blobs already, else from here."""
+        if mount.stored is not None:
+            return handoff.stage_tree(self._store, mount.stored)
+        return handoff.stage_source(self._store, mount.source)
 
     def _stage(self, spec: ContainerSpec, image: str, token: str, node_id: str,
                binds: list[tuple[str, str, bool]], refs: list[SecretReference], network: str | None,

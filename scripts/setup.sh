@@ -19,8 +19,8 @@ fi
 if ! command -v wrk >/dev/null; then  # bench/serve_bench.py's load generator (and its smoke test)
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 fi
-if [ ! -x /usr/bin/rclone ] || [ ! -x /bin/busybox ]; then  # the swarm hand-off agent image is made of these two
+if [ ! -x /usr/bin/rclone ] || [ ! -x /bin/busybox ] || [ ! -x /usr/bin/b3sum ]; then  # the swarm hand-off agent image is made of these
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rclone \
-    busybox-static >/dev/null
+    busybox-static b3sum >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

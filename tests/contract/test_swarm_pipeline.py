@@ -36,9 +36,16 @@ def test_the_pipeline_runs_across_nodes_then_reruns_cached_then_locally_cached(
     summary = json.loads(done.stdout)
     assert {n: s["status"] for n, s in summary["stages"].items()} == {"make": "succeeded", "use": "succeeded"}
     runs = root / "runs" / summary["run_id"]
-    assert (runs / "make" / "node").read_text().strip() == "pipe-n2"
+    # --fetch final (the default): the final stage's outputs are on this host; make's went from n2 to n3
+    # through the remote's blobs and never came here
     assert (runs / "use" / "node").read_text().strip() == "pipe-n3"
     assert (runs / "use" / "copy.txt").read_text() == "hello swarm\n"
+    assert not (runs / "make").exists()
+    assert summary["stages"]["make"]["cache_key"]
+    pulled = pipe("pull", summary["run_id"], "--json", cwd=root, timeout=120)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (runs / "make" / "node").read_text().strip() == "pipe-n2"  # `pipe pull RUN` brings any stage's
+    assert (runs / "make" / "copy.txt").read_text() == "hello swarm\n"
     assert "on swarm the stage runs without no-new-privileges" in done.stderr
     # history rows complete: executor, node (a swarm hostname), task id, image digest, timings, exit, reason
     shown = json.loads(pipe("show", summary["run_id"], "--json", cwd=root).stdout)

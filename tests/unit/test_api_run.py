@@ -52,6 +52,8 @@ def write_ok(spec: ContainerSpec, outputs: Path) -> int:
 class FakeBackend:
     """Every stage uses an `image:` that 'exists' with a fixed id; nothing is built."""
 
+    stores_outputs = False
+
     def __init__(self, behaviours: dict[str, Behaviour] | None = None) -> None:
         self.fake = FakeExecutor(behaviours or {})
 

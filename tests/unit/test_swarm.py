@@ -161,8 +161,9 @@ def test_the_hand_off_tar_depends_only_on_content(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("is_dir", [True, False])
-def test_the_agents_fetch_and_push_scripts_round_trip_under_busybox_sh(tmp_path: Path, is_dir: bool) -> None:
-    """The scripts run for real (busybox sh, tar, sha256sum); rclone is a shell function copying files."""
+def test_the_agents_fetch_script_unpacks_a_tar_under_busybox_sh(tmp_path: Path, is_dir: bool) -> None:
+    """The script runs for real (busybox sh, tar, sha256sum); rclone is a shell function copying files (the push
+    script and the fetch of blobs run with the real rclone and b3sum in tests/e2e/test_handoff_agent.py)."""
     src = tmp_path / "src"
     if is_dir:
         _tree(src)
@@ -191,13 +192,7 @@ def test_the_agents_fetch_and_push_scripts_round_trip_under_busybox_sh(tmp_path:
         assert (got / "d" / "f.txt").read_text() == "f" and os.readlink(got / "link") == "d/f.txt"
     else:
         assert (got / handoff.FILE_NAME).read_text() == "one file\n"
-    (root / "run1" / "t1" / "m1" / "result").write_text("r")
-    out = sh(handoff.push_script("run1/t1", 1, "handoff/out/t1.tar", "b/"))
-    pushed = store / "handoff" / "out" / "t1.tar"
-    import hashlib
-
-    assert out.strip() == handoff.SHA_MARK + hashlib.sha256(pushed.read_bytes()).hexdigest()
-    assert not (root / "run1").exists()  # the task's folder and the emptied run folder are gone
+    assert (root / "run1" / "t1" / "m1").is_dir()  # the writable folder, empty, for the stage
 
 
 def test_a_corrupt_source_tar_stops_the_fetch(tmp_path: Path) -> None:
