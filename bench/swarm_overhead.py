@@ -6,6 +6,9 @@
               network of its own, push task), no mounts
   net         the same with network: true (no per-task internal network)
   input       a stage with a 20 MB read-only input folder and a writable /outputs (pack, upload, fetch, push back)
+  out_fetch   a stage writing 20 MB in 20 files to /outputs: hashed on the node, sent to blobs/ with a listing,
+              then downloaded here (--fetch all, or a final stage)
+  out_stay    the same, left in the store (--fetch none, or a stage that is not final): the listing alone comes
   wide        K (default 50) independent 1 s stages at once (K threads, 0.25 CPU reserved each), on 3 nodes against
               all pinned to one node: the scheduler's reservations bound each node to 8 at a time (2 CPUs)
 
@@ -90,7 +93,9 @@ def main() -> None:
     data.mkdir()
     for i in range(4):
         (data / f"f{i}").write_bytes(os.urandom(5 << 20))
-    rows: dict[str, list[float]] = {"floor": [], "executor": [], "net": [], "input": []}
+    rows: dict[str, list[float]] = {"floor": [], "executor": [], "net": [], "input": [], "out_fetch": [],
+                                    "out_stay": []}
+    write = "for i in $(seq 20); do head -c 1048576 /dev/urandom > /outputs/f$i; done"
     for _ in range(args.n):  # in turns, so that the machine's load moves all rows alike
         rows["floor"].append(floor(client, ref))
         rows["executor"].append(timed(spec("noop", "true")))
@@ -98,6 +103,9 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(dir=owner))
         rows["input"].append(timed(spec("io", "cat /inputs/d/* > /dev/null; echo x > /outputs/o",
                                         mounts=(Mount(out, "/outputs", False), Mount(data, "/inputs/d")))))
+        for row, fetch in (("out_fetch", True), ("out_stay", False)):
+            out = Path(tempfile.mkdtemp(dir=owner))
+            rows[row].append(timed(spec("out", write, mounts=(Mount(out, "/outputs", False),), fetch_outputs=fetch)))
 
     def wide(constraint: str | None) -> float:
         backend._stage_constraints.clear()
@@ -127,7 +135,9 @@ Medians of {args.n} runs taken in turns; ratios are against the floor of the sam
 | floor: bare Swarm SDK task (create, wait, logs, remove) | {med['floor']:.2f} | 1.0 |
 | executor: one stage, no mounts (fetch task, stage task on its own internal network, push task) | {med['executor']:.2f} | {med['executor'] / med['floor']:.1f} |
 | the same with `network: true` (no per-task network) | {med['net']:.2f} | {med['net'] / med['floor']:.1f} |
-| a stage with a 20 MB input folder and /outputs (pack, upload, fetch, push back, unpack) | {med['input']:.2f} | {med['input'] / med['floor']:.1f} |
+| a stage with a 20 MB input folder and /outputs (pack, upload, fetch, push back) | {med['input']:.2f} | {med['input'] / med['floor']:.1f} |
+| a stage writing 20 MB in 20 files, fetched here (b3sum, blobs, listing, download) | {med['out_fetch']:.2f} | {med['out_fetch'] / med['floor']:.1f} |
+| the same, left in the store (`--fetch none`, or not a final stage) | {med['out_stay']:.2f} | {med['out_stay'] / med['floor']:.1f} |
 
 Wide DAG: {args.k} independent `sleep 1` stages at once (0.25 CPU each): all on one node {w1:.1f} s, on 3 nodes
 {w3:.1f} s (ratio 3 nodes / 1 node = {w3 / w1:.2f}). The three nodes share the same 2 cores, so spreading buys

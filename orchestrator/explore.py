@@ -339,6 +339,9 @@ def open_artifact(h: History, ref: str, stage: str, rel: str) -> BinaryIO:
     missing = NotFound(f"run {run.id} has no artifact {rel!r} of stage {stage!r}")
     if record is None or not record.outputs_path or rel not in {a.path for a in record.artifacts}:
         raise missing
+    if not os.path.isdir(record.outputs_path):  # a cluster run left it in the remote (--fetch), or pruned
+        raise NotFound(f"the outputs of stage {stage!r} of run {run.id} are not on this host: "
+                       f"`pipe pull {run.id} --stage {stage}` brings them")
     state = os.path.realpath(h.loaded.state.root)
     root = os.path.realpath(record.outputs_path)
     full = os.path.join(root, rel)

@@ -24,3 +24,7 @@ if [ ! -x /usr/bin/rclone ] || [ ! -x /bin/busybox ] || [ ! -x /usr/bin/b3sum ];
     busybox-static b3sum >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# an editable install compiles nothing (pip compiles a regular install's modules when it installs them), and with
+# PYTHONDONTWRITEBYTECODE set, as on CI machines, every `pipe` command would compile pipe's modules anew (about
+# 0.04-0.1 s of a 0.5 s no-op run, bench/PERF_RESULTS.md): compile them once here, as pip would
+python3 -m compileall -q orchestrator

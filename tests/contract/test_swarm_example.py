@@ -67,9 +67,14 @@ def test_the_example_runs_across_nodes_then_cached_then_locally_as_remote_hits(
     assert {n: r["image_id"] for n, r in rows.items()} == host_ids  # built on the manager: every step cached
     assert 0.3 < rows["evaluate"]["metrics"]["r2"] < 0.7, rows["evaluate"]["metrics"]
     outputs = {n: Path(r["outputs_path"]) for n, r in rows.items()}
-    assert (outputs["evaluate"] / "pred_vs_actual.png").read_bytes()[:4] == b"\x89PNG"  # back on this host
     new_rows = (root / "data" / "new" / "rows.csv").read_text().strip().splitlines()
+    # --fetch final: predict's outputs are on this host; the others stayed in the remote (evaluate's metrics
+    # were read from there), and `pipe pull` brings them
     assert len((outputs["predict"] / "predictions.csv").read_text().strip().splitlines()) == len(new_rows)
+    assert [n for n in STAGES if outputs[n].exists()] == ["predict"]
+    assert pipe("pull", first["id"], example, timeout=600).returncode == 0
+    assert (outputs["evaluate"] / "pred_vs_actual.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(outputs[n].is_dir() for n in STAGES)
 
     manager = sdk.DockerClient(base_url=SWARM_HOST)
     since = time.time()

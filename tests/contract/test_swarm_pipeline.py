@@ -190,3 +190,48 @@ def test_a_sigkill_of_pipe_mid_stage_then_the_next_command_leaves_nothing_on_any
         return found
 
     wait_for(lambda: not left(), timeout=30, what="nothing left on any node")  # the node removes its container
+
+
+def test_fetch_none_leaves_every_output_in_the_remote_and_an_entry_missing_a_blob_runs_again(
+        s3: Any, swarm_image: str, make_pipeline: Any) -> None:
+    from orchestrator.hashing import hash_bytes
+    from orchestrator.remote import blob_key
+
+    path: Path = make_pipeline({
+        "remote": {"url": s3.url("cache"), "endpoint": s3.endpoint},
+        "executor": {"kind": "swarm", "host": SWARM_HOST, "registry": SWARM_REGISTRY, "handoff_dir": SWARM_HANDOFF,
+                     "store": {"node_endpoint": SWARM_S3_NODE}},
+        "stages": {
+            "score": {"image": "pipe-busybox:latest", "metrics": "m.json", "gate": {"metric": "score", "min": 0.5},
+                      "command": "echo 41 > /outputs/n; echo '{\"score\": 0.9}' > /outputs/m.json"},
+            "use": {"image": "pipe-busybox:latest", "needs": ["score"], "command": "cp /inputs/score/n /outputs/"},
+        },
+    })
+    root = path.parent
+    done = pipe("run", "--fetch", "none", "--json", cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr
+    first = json.loads(done.stdout)
+    assert {n: s["status"] for n, s in first["stages"].items()} == {"score": "succeeded", "use": "succeeded"}
+    assert [first["stages"][n]["outputs_path"] for n in ("score", "use")] == [
+        str((root / "runs" / first["run_id"] / n).resolve()) for n in ("score", "use")]
+    assert not any(Path(first["stages"][n]["outputs_path"]).exists() for n in ("score", "use"))
+    # the metrics (and so the gate) were read from the store: the metrics file alone came to this host
+    assert first["stages"]["score"]["metrics"] == {"score": 0.9}
+    # a blob of score's remote entry goes missing: a remote hit left in the store must be whole, so score runs again
+    s3.raw.delete_object(Bucket=s3.name, Key="cache/" + blob_key(hash_bytes(b"41\n")))
+    again = pipe("run", "--json", cwd=root, timeout=600)
+    assert again.returncode == 0, again.stderr
+    second = json.loads(again.stdout)
+    assert {n: s["status"] for n, s in second["stages"].items()} == {"score": "succeeded", "use": "cached"}, second
+    assert "lacks a blob" in again.stderr
+    assert (root / "runs" / second["run_id"] / "use" / "n").read_text() == "41\n"  # final: fetched
+    assert not (root / "runs" / second["run_id"] / "score").exists()
+    # the entry was filed whole again: --fetch all now brings every stage's outputs here, running nothing
+    third = pipe("run", "--fetch", "all", "--json", cwd=root, timeout=600)
+    assert third.returncode == 0, third.stderr
+    ran = json.loads(third.stdout)
+    assert {s["status"] for s in ran["stages"].values()} == {"cached"}
+    assert (root / "runs" / ran["run_id"] / "score" / "n").read_text() == "41\n"
+    assert (root / "runs" / ran["run_id"] / "use" / "n").read_text() == "41\n"
+    bad = pipe("run", "--fetch", "some", cwd=root)
+    assert bad.returncode == 2 and "unknown --fetch 'some': use none, final or all" in bad.stderr

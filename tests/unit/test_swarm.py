@@ -263,3 +263,35 @@ def test_the_catch_up_read_passes_on_each_frame_once_in_order(cut: int, tmp_path
     assert lines == ["a", "b", "b", "c"]
     assert stream.since == ["0" if cut == 0 else ("1796205600.000000001" if cut == 1 else "1796205600.000000002")]
     assert not follower._thread.is_alive()
+
+
+def test_fetch_final_is_the_runs_leaves_and_all_and_none_say_what_they_mean() -> None:
+    from orchestrator.api import fetched_stages, parse_fetch
+    from orchestrator.errors import UsageError
+    from orchestrator.spec import Pipeline
+
+    pipeline = Pipeline.model_validate({"stages": {
+        "data": {"image": "x"}, "train": {"image": "x", "needs": ["data"]},
+        "evaluate": {"image": "x", "needs": ["data", "train"]}, "predict": {"image": "x", "needs": ["train", "evaluate"]},
+        "report": {"image": "x", "needs": ["data"]}}})
+    order = ("data", "train", "evaluate", "predict", "report")
+    assert fetched_stages("final", pipeline, order) == {"predict", "report"}
+    assert fetched_stages("final", pipeline, ("data", "train")) == {"train"}  # leaves of the run, not of the file
+    assert fetched_stages("all", pipeline, order) == set(order)
+    assert fetched_stages("none", pipeline, order) == set()
+    with pytest.raises(UsageError, match="use none, final or all"):
+        parse_fetch("some")
+
+
+def test_a_listing_that_does_not_add_up_is_refused() -> None:
+    from orchestrator.errors import RemoteError
+
+    digest = "ab" * 32
+    good = f"#sums\n{digest}  ./a\n#stats\n3 644 ./a\n#links\n./l\ta\n#empty\n./e\n".encode()
+    tree = handoff.parse_listing(good)
+    assert [(f.path, f.size, f.executable, f.link) for f in tree.files] == [("a", 3, False, None), ("l", 0, False, "a")]
+    assert tree.empty_dirs == ("e",)
+    for bad in (good.replace(b"./a\n#stats", b"./b\n#stats"),  # a digest for a file that has no size
+                good.replace(b"3 644", b"x 644"), good.replace(b"./e", b"/e"), good.replace(digest.encode(), b"ab")):
+        with pytest.raises(RemoteError):
+            handoff.parse_listing(bad)

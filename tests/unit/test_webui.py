@@ -128,6 +128,15 @@ def test_artifact_downloads_stay_inside_the_state_folder(server: webui.UIServer,
         assert b"not yours" not in refused.body and b"root:" not in refused.body
 
 
+def test_an_artifact_left_in_the_remote_says_how_to_bring_it(server: webui.UIServer, made: Made) -> None:
+    from orchestrator.runner import remove_outputs
+
+    remove_outputs(made.path.parent / "runs" / made.better / "train")  # as a swarm run with --fetch none leaves it
+    missing = request(server, f"/runs/{made.better}/artifacts/train/model.bin")
+    assert missing.status == 404
+    assert f"`pipe pull {made.better} --stage train` brings them".encode() in missing.body
+
+
 def test_logs_from_an_offset_and_whether_to_follow(server: webui.UIServer, made: Made) -> None:
     whole = request(server, f"/runs/{made.broken}/logs/train")
     assert whole.status == 200 and whole.text == "train exit 1\n"
