@@ -53,6 +53,17 @@ class Manifest:
     empty_dirs: tuple[str, ...] = ()
     sealed: bool = False  # every blob carried its digest's tag at save: lookup compares the tag too
 
+    @classmethod
+    def of(cls, key: str, tree: TreeDigest, ingredients: Ingredients, run_id: str, stage: str,
+           sealed: bool = False) -> Manifest:
+        """The entry of outputs `tree`, made now."""
+        return cls(key=key, digest=tree.digest, files=tree.files, empty_dirs=tree.empty_dirs, ingredients=ingredients,
+                   created_at=datetime.now(UTC), run_id=run_id, stage=stage, sealed=sealed)
+
+    @property
+    def tree(self) -> TreeDigest:
+        return TreeDigest(self.digest, self.files, self.empty_dirs)
+
     @property
     def total_size(self) -> int:
         return sum(entry.size for entry in self.files)
@@ -206,17 +217,7 @@ class Cache:
             for entry in tree.files:
                 if entry.link is None:
                     sealed = self._store_blob(outputs_dir / entry.path, entry) and sealed
-            manifest = Manifest(
-                key=key,
-                digest=tree.digest,
-                files=tree.files,
-                empty_dirs=tree.empty_dirs,
-                ingredients=ingredients,
-                created_at=datetime.now(UTC),
-                run_id=run_id,
-                stage=stage,
-                sealed=sealed,
-            )
+            manifest = Manifest.of(key, tree, ingredients, run_id, stage, sealed)
             self._write_entry(manifest)
         except OSError as e:
             raise PipeError(f"cannot save the outputs of {stage} to the cache in {self.root}: {e}") from e

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -100,8 +99,7 @@ class RemoteCache:
 
     def save(self, key: str, outputs_dir: Path, tree: TreeDigest, ingredients: Ingredients, run_id: str,
              stage: str) -> Manifest:
-        manifest = Manifest(key=key, digest=tree.digest, files=tree.files, empty_dirs=tree.empty_dirs,
-                            ingredients=ingredients, created_at=datetime.now(UTC), run_id=run_id, stage=stage)
+        manifest = Manifest.of(key, tree, ingredients, run_id, stage)
         push_entry(self.store, manifest, lambda entry: outputs_dir / entry.path, self.workers)
         return manifest
 
@@ -170,8 +168,9 @@ class LayeredCache:
         return Lookup(filed, remote=self.remote.url, fetched=fetched)
 
     def restore(self, manifest: Manifest, dest: Path) -> None:
-        """A local restore; a remote hit that decide() left on the remote (fetch=False) is brought here first."""
-        if self.local.lookup(manifest.key).manifest is None:
+        """A local restore; a remote hit that decide() left on the remote (fetch=False) is brought here first
+        (with fetch, decide() brought it already: no second lookup on a run's restore path)."""
+        if not self.fetch and self.local.lookup(manifest.key).manifest is None:
             brought = self.bring(manifest)
             if brought.manifest is None:
                 raise RemoteError(brought.problem or f"remote cache entry {manifest.key[:12]} could not be fetched")
@@ -182,8 +181,7 @@ class LayeredCache:
     def file(self, key: str, tree: TreeDigest, ingredients: Ingredients, run_id: str, stage: str) -> None:
         """The manifest of outputs whose blobs a node has just sent: a put, not put_if_absent, so that it
         replaces an entry of this key whose blob went missing (the reason the stage ran again)."""
-        manifest = Manifest(key=key, digest=tree.digest, files=tree.files, empty_dirs=tree.empty_dirs,
-                            ingredients=ingredients, created_at=datetime.now(UTC), run_id=run_id, stage=stage)
+        manifest = Manifest.of(key, tree, ingredients, run_id, stage)
         self.remote.store.put_bytes(manifest_key(key), manifest.to_json().encode("utf-8"))
         with self._lock:
             self._from_remote.add(key)  # on the remote already: the push after the run has nothing to send

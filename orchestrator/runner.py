@@ -275,7 +275,7 @@ class StageRunner:
         entry with one missing is a miss: the stage runs again)."""
         manifest, ingredients = decision.manifest, decision.ingredients
         assert manifest is not None and ingredients is not None
-        tree = TreeDigest(manifest.digest, manifest.files, manifest.empty_dirs)
+        tree = manifest.tree
         remote_only = decision.remote is not None and self._stored is not None and not self._fetch(name)
         if remote_only and not self._stored_whole(tree):
             self.reporter.emit(Notice(f"{name}: remote cache entry {manifest.key[:12]} lacks a blob; re-running"))
