@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from orchestrator import loader
 from orchestrator.errors import ExitCode, StoreError, UsageError
@@ -29,6 +29,7 @@ from orchestrator.state import StateDir
 from orchestrator.store.records import (
     HistoryReads,
     MetricPoint,
+    RunHistory,
     RunInfo,
     StageHistory,
     StageRunInfo,
@@ -48,6 +49,8 @@ if TYPE_CHECKING:  # SQLAlchemy, Docker and the runner are imported by the comma
     from orchestrator.prune import DiskUse
     from orchestrator.runner import StageRunner, Upstream
     from orchestrator.store.store import Store
+
+H = TypeVar("H", bound=RunHistory)
 
 
 @dataclass(frozen=True)
@@ -104,17 +107,57 @@ def load(target: Target) -> Loaded:
 
 @contextmanager
 def open_store(loaded: Loaded) -> Iterator[Store]:
-    """The history to write (`pipe run`, the scheduler, maintenance): created or migrated as needed, and the
+    """The history to write (the scheduler, serving, maintenance): created or migrated as needed, and the
     pipeline's runs whose owner is provably gone (store/lease.py) marked interrupted."""
     from orchestrator.store.store import Store
 
     loaded.state.ensure()
-    store = Store(loaded.db_url)
+    with _marked(Store(loaded.db_url), loaded) as store:
+        yield store
+
+
+@contextmanager
+def open_run_history(loaded: Loaded) -> Iterator[RunHistory]:
+    """open_store for `pipe run`: on a SQLite file already at the current schema, written with the standard
+    library (store/sqlite_writer.py), so a run does not import SQLAlchemy (issue 20); Store otherwise, which
+    creates, upgrades or refuses the database."""
+    from orchestrator.store.sqlite_reader import sqlite_path
+
+    path = sqlite_path(loaded.db_url)
+    if path is not None and path.exists():
+        from orchestrator.store.sqlite_writer import SqliteRunStore
+
+        history = SqliteRunStore(path)
+        if history.usable:
+            with _marked(history, loaded) as marked:
+                yield marked
+            return
+        history.close()
+    with open_store(loaded) as store:
+        yield store
+
+
+@contextmanager
+def _marked(store: H, loaded: Loaded) -> Iterator[H]:
+    """`store`, with the pipeline's dead runs marked interrupted first; closed on exit (which also stops the
+    heartbeat of a run leased on it)."""
     try:
         store.mark_dead_runs(loaded.pipeline.display_name)
         yield store
     finally:
-        store.close()  # also stops the heartbeat of a run leased on it
+        store.close()
+
+
+@contextmanager
+def _whole_store(loaded: Loaded, history: RunHistory) -> Iterator[Store]:
+    """The Store behind a run's history, for what only Store answers (serving, after a run)."""
+    from orchestrator.store.store import Store
+
+    if isinstance(history, Store):
+        yield history
+        return
+    with open_store(loaded) as store:
+        yield store
 
 
 @contextmanager
@@ -132,8 +175,8 @@ def read_store(loaded: Loaded) -> Iterator[Store]:
 
 @contextmanager
 def status_history(loaded: Loaded) -> Iterator[HistoryReads]:
-    """What `pipe status` reads, as read_store gives it; on a SQLite file read with the standard library
-    (store/sqlite_reader.py), so the command does not import SQLAlchemy (issue 20)."""
+    """What `pipe status` and a dry run read, as read_store gives it; on a SQLite file read with the standard
+    library (store/sqlite_reader.py), so neither imports SQLAlchemy (issue 20)."""
     from orchestrator.store.sqlite_reader import SqliteHistory, sqlite_path
 
     path = sqlite_path(loaded.db_url)
@@ -277,7 +320,7 @@ def dry_run(request: RunRequest, backend: Backend | None = None) -> Forecast:
     prepared = prepare(request)
     backend = backend or backend_for(prepared.pipeline, request.docker_url, request.executor, request.kube_context)
     pipeline, order = prepared.pipeline, prepared.plan.order
-    with read_store(prepared.loaded) as store:
+    with status_history(prepared.loaded) as store:
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
         images = backend.forecast_images(pipeline, order, prepared.loaded.state.images_memo, store.hash_memo())
         return _forecast(pipeline, order, store, prepared.loaded.state, images, upstream, prepared.force)
@@ -301,7 +344,7 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
     caches = sharing.cache_store(pipeline, state, fetch=not backend.stores_outputs)
     fetched = fetched_stages(request.fetch, pipeline, order)
     sharing.check_remote(pipeline, caches, reporter)
-    with state.lock(wait=request.wait) as lock, open_store(prepared.loaded) as store:
+    with state.lock(wait=request.wait) as lock, open_run_history(prepared.loaded) as store:
         backend.sweep(str(state.root), is_alive=store.run_alive)
         upstream = _earlier_outputs(prepared.plan, pipeline, store)
         memo = store.hash_memo()
@@ -335,7 +378,9 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
             from orchestrator.serve_api import after_run
-            for line in after_run(prepared.loaded, store, summary, request.docker_url, prepared.secrets.values()):
+            with _whole_store(prepared.loaded, store) as whole:
+                lines = after_run(prepared.loaded, whole, summary, request.docker_url, prepared.secrets.values())
+            for line in lines:
                 reporter.emit(Notice(line))
         reporter.emit(RunFinished(summary))
         return summary
@@ -352,7 +397,7 @@ def fetched_stages(fetch: str, pipeline: Pipeline, order: tuple[str, ...]) -> fr
     return frozenset(name for name in order if name not in needed)
 
 
-def _begin_run(store: Store, prepared: Prepared, request: RunRequest) -> str:
+def _begin_run(store: RunHistory, prepared: Prepared, request: RunRequest) -> str:
     pipeline = prepared.pipeline
     commit, dirty = _git_state(pipeline.root)
     return store.begin_run(
@@ -412,7 +457,7 @@ def summarize(run_id: str, results: dict[str, StageResult], cancel: Cancel | Non
     return RunSummary(run_id, RunStatus.FAILED, results, ExitCode.FAILED)
 
 
-def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: Store) -> dict[str, Upstream]:
+def _earlier_outputs(plan: Plan, pipeline: Pipeline, store: HistoryReads) -> dict[str, Upstream]:
     """For `--stage`/`--from`: outputs of upstream stages that this run does not execute, from earlier runs."""
     from orchestrator.runner import Upstream
 

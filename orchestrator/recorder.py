@@ -13,7 +13,7 @@ from orchestrator.results import StageStatus
 from orchestrator.runner import container_user
 from orchestrator.spec import Pipeline
 from orchestrator.state import StateDir
-from orchestrator.store.store import StageRecord, Store
+from orchestrator.store.records import RunHistory, StageRecord
 
 
 class Recorder:
@@ -23,7 +23,7 @@ class Recorder:
     records, and history then answers from the runs before, as if those stages had not been reached.
     Thread-safe."""
 
-    def __init__(self, store: Store, run_id: str, pipeline: Pipeline, state: StateDir, inner: Reporter) -> None:
+    def __init__(self, store: RunHistory, run_id: str, pipeline: Pipeline, state: StateDir, inner: Reporter) -> None:
         self._store, self._run_id, self._pipeline, self._state, self._inner = store, run_id, pipeline, state, inner
         self._waiting: list[StageRecord] = []
         self._lock = threading.Lock()

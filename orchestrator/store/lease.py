@@ -135,3 +135,26 @@ class Heartbeat:
             if failing:
                 log.warning("run %s: its lease is renewed again", self._run_id)
             failing = False
+
+
+class Leases:
+    """The heartbeats of the runs one store leased: `renew(run_id)` is the store's renewal of a lease."""
+
+    def __init__(self, renew: Callable[[str], bool]) -> None:
+        self._renew = renew
+        self._heartbeats: dict[str, Heartbeat] = {}
+
+    def lease(self, run_id: str, interval_s: float = HEARTBEAT_S) -> Heartbeat:
+        """Start renewing the lease of `run_id` every `interval_s` (once: a second call returns the same one)."""
+        if run_id not in self._heartbeats:
+            self._heartbeats[run_id] = Heartbeat(lambda: self._renew(run_id), run_id, interval_s).start()
+        return self._heartbeats[run_id]
+
+    def stop(self, run_id: str) -> None:
+        heartbeat = self._heartbeats.pop(run_id, None)
+        if heartbeat is not None:
+            heartbeat.stop()
+
+    def stop_all(self) -> None:
+        for run_id in list(self._heartbeats):
+            self.stop(run_id)

@@ -6,13 +6,17 @@ Plain dataclasses: no SQLAlchemy here, so commands and the console can import th
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from orchestrator.results import Artifact, RunStatus, StageStatus
+from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from orchestrator.hashing import HashMemo
 
 Trigger = Literal["manual", "schedule"]
@@ -21,6 +25,11 @@ TickAction = Literal["fired", "skipped", "coalesced"]
 TICK_ACTIONS: tuple[TickAction, ...] = ("fired", "skipped", "coalesced")
 RUNNING = "running"  # what --json shows for a stage whose status is still None
 INTERRUPTED = "interrupted"  # the reason of a stage whose run's owner died while it ran
+
+
+def new_run_id(moment: datetime) -> str:
+    """Sortable by start time to the second, unique by 4 random hex digits: "20261121-235959-ab12"."""
+    return f"{moment.astimezone(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def iso_utc(moment: datetime | None) -> str | None:
@@ -227,3 +236,41 @@ class HistoryReads(Protocol):
     def stage_histories(self, pipeline: str, exclude_run: str | None = None) -> dict[str, StageHistory]: ...
 
     def hash_memo(self) -> HashMemo: ...
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage's outcome as record_stages writes it."""
+
+    result: StageResult
+    ingredients_json: str | None = None
+    user: str | None = None
+    hermetic: bool = True
+    gate_passed: bool | None = None
+
+
+class RunHistory(HistoryReads, Protocol):
+    """What `pipe run` reads and writes of history: Store answers it, and on a SQLite file at the current schema
+    so does sqlite_writer.SqliteRunStore, without SQLAlchemy."""
+
+    def mark_dead_runs(self, pipeline: str) -> list[str]: ...
+
+    def run_alive(self, run_id: str) -> bool | None: ...
+
+    def begin_run(self, pipeline: str, pipeline_path: str, pipeline_hash: str, trigger: Trigger,
+                  git_commit: str | None, host: str, pid: int, params_override: dict[str, Any],
+                  git_dirty: bool | None = None) -> str: ...
+
+    def lease(self, run_id: str, interval_s: float = ...) -> AbstractContextManager[Any]:
+        """Renew the run's lease until finish_run or close (lease.Heartbeat)."""
+
+    def mark_stage_running(self, run_id: str, stage: str, attempt: int, started_at: datetime,
+                           log_path: str | None = None) -> None: ...
+
+    def record_stages(self, run_id: str, records: Sequence[StageRecord]) -> None: ...
+
+    def finish_run(self, run_id: str, status: RunStatus, exit_code: int) -> None: ...
+
+    def gate_baseline(self, pipeline: str, stage: str, metric: str) -> tuple[str, float] | None: ...
+
+    def close(self) -> None: ...

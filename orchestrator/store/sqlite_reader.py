@@ -77,13 +77,17 @@ class SqliteHistory:
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            version = _version(conn)
+            usable = self._usable(conn, _version(conn))
         except sqlite3.Error as e:
-            raise StoreError(f"database {self._name} cannot be opened: {' '.join(str(e).split())}") from e
-        if check_readable(version, self._name):
+            raise StoreError(f"database {self._name} cannot be opened: {error_line(e)}") from e
+        if usable:
             self._conn = conn
         else:
             conn.close()
+
+    def _usable(self, conn: sqlite3.Connection, version: int | None) -> bool:
+        """Whether this reads `conn` (False: empty history); StoreError for a database a read cannot use."""
+        return check_readable(version, self._name) != 0
 
     def close(self) -> None:
         if self._conn is not None:
@@ -107,11 +111,11 @@ class SqliteHistory:
                                   (row[0],)).fetchall()
             info = _run_info(row, _stage_infos(conn, stages))
             if info.status is RunStatus.RUNNING:
-                now = _utc(conn.execute("SELECT CURRENT_TIMESTAMP").fetchone()[0])
+                now = parse_time(conn.execute("SELECT CURRENT_TIMESTAMP").fetchone()[0])
                 assert now is not None
-                why = gone(Owner(row[9], row[10], row[14], _utc(row[16])), now, this_host())
+                why = gone(Owner(row[9], row[10], row[14], parse_time(row[16])), now, this_host())
                 if why is not None:
-                    info = interrupted_view(info, _utc(row[15]) or now, f"{INTERRUPTED}: {why}")
+                    info = interrupted_view(info, parse_time(row[15]) or now, f"{INTERRUPTED}: {why}")
             return info
 
         return self._read(read, None)
@@ -133,14 +137,17 @@ class SqliteHistory:
 
         return self._read(read, {})
 
-    def hash_memo(self) -> ReadOnlyHashMemo:
+    def hash_memo(self) -> TableHashMemo:
         """A HashMemo over the `file_hash` table; its puts stay in this process (a read writes no history)."""
+        return TableHashMemo(self._hashes())
+
+    def _hashes(self) -> dict[str, tuple[StatKey, str]]:
         def read(conn: sqlite3.Connection) -> dict[str, tuple[StatKey, str]]:
             rows = conn.execute("SELECT path, dev, ino, size, mtime_ns, digest FROM file_hash")
             return {path: ((unsigned64(dev), unsigned64(ino), size, mtime_ns), digest)
                     for path, dev, ino, size, mtime_ns, digest in rows}
 
-        return ReadOnlyHashMemo(self._read(read, {}))
+        return self._read(read, {})
 
     def _read(self, read: Callable[[sqlite3.Connection], T], empty: T) -> T:
         """`read(conn)` in one read transaction (a consistent view across its queries); `empty` for no history."""
@@ -154,26 +161,39 @@ class SqliteHistory:
                 finally:
                     self._conn.execute("COMMIT")
             except sqlite3.Error as e:
-                raise StoreError(f"database {self._name} cannot be read: {' '.join(str(e).split())}") from e
+                raise StoreError(f"database {self._name} cannot be read: {error_line(e)}") from e
 
 
-class ReadOnlyHashMemo:
-    """orchestrator.hashing.HashMemo over rows read once; flush() keeps the puts for this process only."""
+class TableHashMemo:
+    """orchestrator.hashing.HashMemo over the file_hash rows read once. Puts wait for flush(), which hands them
+    to `write` (one transaction; kept for the next flush if it fails); with no `write` (a read, which writes no
+    history) they are remembered by this process only."""
 
-    def __init__(self, known: dict[str, tuple[StatKey, str]]) -> None:
-        self._known, self._lock = known, threading.Lock()
+    def __init__(self, known: dict[str, tuple[StatKey, str]],
+                 write: Callable[[dict[str, tuple[StatKey, str]]], None] | None = None) -> None:
+        self._known, self._write = known, write
+        self._pending: dict[str, tuple[StatKey, str]] = {}
+        self._lock = threading.Lock()
 
     def get(self, path: str, key: StatKey) -> str | None:
         with self._lock:
-            entry = self._known.get(path)
+            entry = self._pending.get(path) or self._known.get(path)
         return entry[1] if entry is not None and entry[0] == key else None
 
     def put(self, path: str, key: StatKey, digest: str) -> None:
         with self._lock:
-            self._known[path] = (key, digest)
+            self._pending[path] = (key, digest)
 
     def flush(self) -> None:
-        pass
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            if pending and self._write is not None:
+                try:
+                    self._write(pending)
+                except BaseException:
+                    self._pending = {**pending, **self._pending}
+                    raise
+            self._known.update(pending)
 
 
 def _version(conn: sqlite3.Connection) -> int | None:
@@ -210,7 +230,7 @@ def _stage_info(row: Sequence[Any], artifacts: tuple[Artifact, ...], metrics: di
     return StageRunInfo(
         stage=stage, status=StageStatus(status) if status is not None else None, reason=reason,
         exit_code=exit_code, attempts=attempts, infra_error=bool(infra_error), cache_key=cache_key,
-        cached_from=cached_from, image_id=image_id, started_at=_utc(started_at), finished_at=_utc(finished_at),
+        cached_from=cached_from, image_id=image_id, started_at=parse_time(started_at), finished_at=parse_time(finished_at),
         duration_s=duration_s, peak_memory_bytes=peak_memory_bytes, cpu_seconds=cpu_seconds, log_path=log_path,
         outputs_path=outputs_path, outputs_digest=outputs_digest, user=user, hermetic=bool(hermetic),
         ingredients_json=ingredients_json, artifacts=artifacts, metrics=metrics,
@@ -222,20 +242,34 @@ def _stage_info(row: Sequence[Any], artifacts: tuple[Artifact, ...], metrics: di
 def _run_info(row: Sequence[Any], stages: Iterable[StageRunInfo]) -> RunInfo:
     (run_id, pipeline, pipeline_path, pipeline_hash, trigger, status, started_at, finished_at, git_commit, host,
      pid, exit_code, params_override, git_dirty) = row[:14]
-    started = _utc(started_at)
+    started = parse_time(started_at)
     assert started is not None  # NOT NULL
     trigger_value: Trigger = trigger
     return RunInfo(
         id=run_id, pipeline=pipeline, pipeline_path=pipeline_path, pipeline_hash=pipeline_hash,
-        trigger=trigger_value, status=RunStatus(status), started_at=started, finished_at=_utc(finished_at),
+        trigger=trigger_value, status=RunStatus(status), started_at=started, finished_at=parse_time(finished_at),
         git_commit=git_commit, host=host, pid=pid, exit_code=exit_code,
         params_override=json.loads(params_override) if params_override else {}, stages=tuple(stages),
         git_dirty=None if git_dirty is None else bool(git_dirty))
 
 
-def _utc(value: str | None) -> datetime | None:
+def error_line(error: sqlite3.Error) -> str:
+    return " ".join(str(error).split())
+
+
+def parse_time(value: str | None) -> datetime | None:
     """SQLAlchemy's SQLite text ("2026-12-02 10:19:14.123456", naive UTC) or CURRENT_TIMESTAMP's, made aware."""
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def time_text(moment: datetime | None) -> str | None:
+    """parse_time undone: an aware datetime as SQLAlchemy's SQLite DATETIME stores it (models.UTCDateTime), naive
+    UTC text with microseconds, which sorts as time does."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment} given to the store; use an aware UTC datetime")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:

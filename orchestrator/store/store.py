@@ -7,10 +7,8 @@ interrupted, whether or not a writer has marked it yet. Knows nothing of Docker,
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -25,7 +23,16 @@ from orchestrator.hashing import HashMemo
 from orchestrator.results import Artifact, RunStatus, StageResult, StageStatus
 from orchestrator.store.db import WRITE, describe, one_line, open_engine
 from orchestrator.store.hashmemo import SqlHashMemo
-from orchestrator.store.lease import HEARTBEAT_S, LEASE_S, Heartbeat, Owner, gone, process_identity, this_host
+from orchestrator.store.lease import (
+    HEARTBEAT_S,
+    LEASE_S,
+    Heartbeat,
+    Leases,
+    Owner,
+    gone,
+    process_identity,
+    this_host,
+)
 from orchestrator.store.models import (
     ArtifactRow,
     GateBaselineRow,
@@ -43,11 +50,13 @@ from orchestrator.store.records import (
     RunInfo,
     ServeEventInfo,
     StageHistory,
+    StageRecord,
     StageRunInfo,
     TickAction,
     TickInfo,
     Trigger,
     interrupted_view,
+    new_run_id,
     seconds_between,
 )
 
@@ -55,22 +64,6 @@ LATEST = "latest"
 _WITH_DETAILS = (selectinload(StageRunRow.artifacts), selectinload(StageRunRow.metrics))
 _WITH_STAGES = (selectinload(RunRow.stages).selectinload(StageRunRow.artifacts),
                 selectinload(RunRow.stages).selectinload(StageRunRow.metrics))
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    """One stage's outcome as record_stages writes it."""
-
-    result: StageResult
-    ingredients_json: str | None = None
-    user: str | None = None
-    hermetic: bool = True
-    gate_passed: bool | None = None
-
-
-def new_run_id(moment: datetime) -> str:
-    """Sortable by start time to the second, unique by 4 random hex digits: "20261121-235959-ab12"."""
-    return f"{moment.astimezone(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def _now() -> datetime:
@@ -92,13 +85,11 @@ class Store:
         # run id -> the stages written, for the runs this Store began: no other process writes a live run's rows,
         # so a stage not in here has no row yet and recording it reads nothing first (a cached stage: one write)
         self._began: dict[str, set[str]] = {}
-        self._heartbeats: dict[str, Heartbeat] = {}
+        self._leases = Leases(self.renew_lease)
 
     def close(self) -> None:
         """Stops the heartbeats of the runs this Store leased, then lets the database go."""
-        for heartbeat in list(self._heartbeats.values()):
-            heartbeat.stop()
-        self._heartbeats.clear()
+        self._leases.stop_all()
         self._engine.dispose()
 
     def __enter__(self) -> Self:
@@ -134,11 +125,7 @@ class Store:
     def lease(self, run_id: str, interval_s: float = HEARTBEAT_S) -> Heartbeat:
         """Start renewing the lease of `run_id` (begun by this process) every `interval_s` until finish_run,
         mark_interrupted or close; a context manager too (`with store.lease(run_id): ...` stops it on exit)."""
-        if run_id in self._heartbeats:
-            return self._heartbeats[run_id]
-        heartbeat = self._heartbeats[run_id] = Heartbeat(lambda: self.renew_lease(run_id), run_id,
-                                                               interval_s)
-        return heartbeat.start()
+        return self._leases.lease(run_id, interval_s)
 
     def renew_lease(self, run_id: str) -> bool:
         """Extend the lease of a running run by `lease_s` from now (the database's clock); False, changing
@@ -198,7 +185,7 @@ class Store:
 
     def finish_run(self, run_id: str, status: RunStatus, exit_code: int) -> None:
         """Record the run's end; its heartbeat stops first, so nothing renews the lease of a finished run."""
-        self._stop_heartbeat(run_id)
+        self._leases.stop(run_id)
         with self._write() as session:
             run = self._run_row(session, run_id)
             run.status, run.exit_code, run.finished_at = status, exit_code, _now()
@@ -209,7 +196,7 @@ class Store:
 
         Returns False, changing nothing, when the run is no longer running (it finished in the meantime).
         """
-        self._stop_heartbeat(run_id)
+        self._leases.stop(run_id)
         with self._write() as session:
             run = self._run_row(session, run_id, selectinload(RunRow.stages))
             if run.status != RunStatus.RUNNING:
@@ -467,11 +454,6 @@ class Store:
                 yield session
         except SQLAlchemyError as e:
             raise StoreError(f"database {self._name} cannot be written: {one_line(e)}") from e
-
-    def _stop_heartbeat(self, run_id: str) -> None:
-        heartbeat = self._heartbeats.pop(run_id, None)
-        if heartbeat is not None:
-            heartbeat.stop()
 
     def _run_row(self, session: Session, run_id: str, *options: Any) -> RunRow:
         row = session.get(RunRow, run_id, options=options)

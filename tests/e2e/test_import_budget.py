@@ -3,9 +3,11 @@
 Each command runs as a user runs it (`python -m orchestrator`, a fresh interpreter) and reports the top-level
 modules in sys.modules as it leaves. `pipe status` and a local dry run read the engine's images over its socket
 (engine_socket.py) and order stages without networkx (plan.py), so neither the Docker SDK nor networkx may enter,
-and status reads a SQLite history without SQLAlchemy;
+and both read a SQLite history without SQLAlchemy;
 `pipe --help` opens no history either; a no-op `pipe run` (every image there, every stage cached, no container
-left to sweep) needs neither, and a run that starts a container loads the SDK. Nothing loads what
+left to sweep) needs neither, and a run that starts a container loads the SDK. A run writes a SQLite history
+that is already at the current schema without SQLAlchemy (store/sqlite_writer.py); the first run, which creates
+it, goes through Store. Nothing loads what
 only another executor, the remote or plots need.
 """
 
@@ -56,7 +58,7 @@ def test_help_opens_no_history_engine_or_graph_library(tmp_path: Path) -> None:
     assert loaded & ({"sqlalchemy", "networkx", "blake3"} | SDK | ELSEWHERE) == set()
 
 
-def test_status_and_a_dry_run_load_neither_the_docker_sdk_nor_networkx_and_status_no_sqlalchemy(
+def test_status_and_a_dry_run_load_neither_the_docker_sdk_nor_networkx_nor_sqlalchemy(
         docker: Any, make_pipeline: Callable[..., Path], tmp_path: Path) -> None:
     path = make_pipeline(PIPELINE, {"raw.txt": "x\n"})
     assert subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path)], capture_output=True,
@@ -64,17 +66,16 @@ def test_status_and_a_dry_run_load_neither_the_docker_sdk_nor_networkx_and_statu
     for args in (("status", path), ("run", "--dry-run", path)):
         loaded = imports_of(tmp_path, *args)
         assert "yaml" in loaded  # the probe sees what the command loads
-        assert loaded & ({"networkx"} | SDK | ELSEWHERE) == set(), args
-        # status reads the SQLite history with the standard library (store/sqlite_reader.py); a dry run with Store
-        assert ("sqlalchemy" in loaded) is (args[0] == "run"), args
+        assert loaded & ({"networkx", "sqlalchemy"} | SDK | ELSEWHERE) == set(), args
 
 
-def test_a_no_op_run_loads_neither_the_sdk_nor_networkx_and_a_run_that_starts_a_container_does(
+def test_a_no_op_run_loads_neither_the_sdk_nor_networkx_nor_sqlalchemy_and_a_run_that_starts_a_container(
         docker: Any, make_pipeline: Callable[..., Path], tmp_path: Path) -> None:
     path = make_pipeline(PIPELINE, {"raw.txt": "x\n"})
     first = imports_of(tmp_path, "run", path)
-    assert "docker" in first  # the probe sees the SDK when a stage runs
+    assert {"docker", "sqlalchemy"} <= first  # the probe sees the SDK when a stage runs; Store made the history
     loaded = imports_of(tmp_path, "run", path)
-    assert loaded & ({"networkx"} | SDK | ELSEWHERE) == set()
+    assert loaded & ({"networkx", "sqlalchemy"} | SDK | ELSEWHERE) == set()
     (path.parent / "raw.txt").write_text("y\n")
-    assert "docker" in imports_of(tmp_path, "run", path)
+    edited = imports_of(tmp_path, "run", path)
+    assert "docker" in edited and "sqlalchemy" not in edited
