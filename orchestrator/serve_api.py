@@ -28,6 +28,7 @@ from orchestrator.serving import (
     current_run,
     previous_run,
     serve_block,
+    served_event,
     unservable,
 )
 from orchestrator.store.records import iso_utc
@@ -185,8 +186,11 @@ def after_run(loaded: Loaded, store: Store, summary: RunSummary, docker_url: str
             return []
         if why := unservable(info, pipeline, auto=True):
             return [f"not promoted: {why}"]
-        if current_run(store.serve_events(name, limit=None)) == info.id:
-            return []
+        served = served_event(store.serve_events(name, limit=None))
+        model = info.stage(pipeline.serve.model)
+        if served is not None and model is not None and (served.run_id == info.id
+                                                         or served.digest == model.outputs_digest):
+            return []  # this model is served already (a rerun that restored it): nothing to swap
         with _serving(Target(pipeline.path), docker_url, loaded=loaded, store=store) as s:
             try:
                 _promote(s, s.model(info.id), "promoted", f"auto: run {info.id} passed its gate")

@@ -311,7 +311,13 @@ def _serving(target: Target, docker_url: str | None, loaded: Loaded | None = Non
 
 def current_run(events: list[ServeEventInfo]) -> str | None:
     """The run whose model was served last (newest event first)."""
-    return next((e.run_id for e in events if e.event in SERVED_EVENTS and e.ok and e.run_id), None)
+    served = served_event(events)
+    return served.run_id if served is not None else None
+
+
+def served_event(events: list[ServeEventInfo]) -> ServeEventInfo | None:
+    """The event that served the current model (newest event first): its run and the model's digest."""
+    return next((e for e in events if e.event in SERVED_EVENTS and e.ok and e.run_id), None)
 
 
 def held_runs(events: list[ServeEventInfo], routing: Routing) -> dict[str, str]:

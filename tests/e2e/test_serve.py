@@ -327,6 +327,13 @@ def test_two_replicas_are_both_routed_and_a_swap_replaces_both_under_load(
     runs = json.loads(pipe("runs", path, "--json").stdout)
     assert {meta(port)["run_id"] for _ in range(4)} == {runs[0]["id"]}
 
+    rerun = pipe("run", path)  # nothing changed: the model it restores is the one served, nothing is swapped
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert {c.id for c in replica_containers(docker, path)} == {c.id for c in new}
+    history = json.loads(pipe("serve", "status", path, "--history", "--json").stdout)
+    assert history["run_id"] == runs[0]["id"] and history["history"][0]["event"] == "promoted"
+    assert json.loads(pipe("runs", path, "--json").stdout)[0]["id"] != runs[0]["id"]  # a new run all the same
+
 
 def test_a_scheduled_run_that_passes_its_gate_is_promoted_and_metadata_changes(make_served: MakeServed) -> None:
     path, port = make_served({"promote": "auto"},
