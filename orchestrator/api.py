@@ -377,9 +377,12 @@ def run_pipeline(request: RunRequest, reporter: Reporter, cancel: Cancel | None 
         store.finish_run(run_id, summary.status, summary.exit_code)
         sharing.auto_push(pipeline, caches, summary, order, reporter)
         if pipeline.serve is not None or pipeline.notify:  # issue 18: notify, auto-promote; never raises
-            from orchestrator.serve_api import after_run
-            with _whole_store(prepared.loaded, store) as whole:
-                lines = after_run(prepared.loaded, whole, summary, request.docker_url, prepared.secrets.values())
+            from orchestrator.serve_api import after_run, settled
+            lines: list[str] = []
+            if not settled(pipeline, summary, store):
+                with _whole_store(prepared.loaded, store) as whole:
+                    lines = after_run(prepared.loaded, whole, summary, request.docker_url,
+                                      prepared.secrets.values())
             for line in lines:
                 reporter.emit(Notice(line))
         reporter.emit(RunFinished(summary))

@@ -34,6 +34,8 @@ from orchestrator.serving import (
 from orchestrator.store.records import iso_utc
 
 if TYPE_CHECKING:
+    from orchestrator.spec import Pipeline
+    from orchestrator.store.records import RunHistory
     from orchestrator.store.store import Store
 
 
@@ -168,6 +170,20 @@ def logs(target: Target, follow: bool = False, docker_url: str | None = None) ->
         yield from engine.logs(cid, follow=follow)
 
 
+def settled(pipeline: Pipeline, summary: RunSummary, history: RunHistory) -> bool:
+    """Whether the end of this run has nothing to do, so after_run need not be called: a failure with no one to
+    notify, a run that promotes nothing, or one whose model is the one served already (the same digest: a rerun
+    that restored it from the cache), which swaps and records nothing. Reads the serving events only."""
+    if summary.status is RunStatus.FAILED:
+        return not pipeline.notify
+    if pipeline.serve is None or pipeline.serve.promote != "auto" or summary.status is not RunStatus.SUCCEEDED:
+        return True
+    model = summary.results.get(pipeline.serve.model)
+    served = served_event(history.serve_events(pipeline.display_name, limit=None))
+    return served is not None and model is not None and model.outputs_digest is not None and \
+        served.digest == model.outputs_digest
+
+
 def after_run(loaded: Loaded, store: Store, summary: RunSummary, docker_url: str | None = None,
               redact: Iterable[str] = ()) -> list[str]:
     """The end of `pipe run`: notify a failed run; auto-promote one whose gates passed. Never raises: a problem
@@ -186,11 +202,6 @@ def after_run(loaded: Loaded, store: Store, summary: RunSummary, docker_url: str
             return []
         if why := unservable(info, pipeline, auto=True):
             return [f"not promoted: {why}"]
-        served = served_event(store.serve_events(name, limit=None))
-        model = info.stage(pipeline.serve.model)
-        if served is not None and model is not None and (served.run_id == info.id
-                                                         or served.digest == model.outputs_digest):
-            return []  # this model is served already (a rerun that restored it): nothing to swap
         with _serving(Target(pipeline.path), docker_url, loaded=loaded, store=store) as s:
             try:
                 _promote(s, s.model(info.id), "promoted", f"auto: run {info.id} passed its gate")

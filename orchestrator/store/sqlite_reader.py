@@ -26,6 +26,7 @@ from orchestrator.store.lease import Owner, gone, this_host
 from orchestrator.store.records import (
     INTERRUPTED,
     RunInfo,
+    ServeEventInfo,
     StageHistory,
     StageRunInfo,
     Trigger,
@@ -136,6 +137,17 @@ class SqliteHistory:
             return {stage: StageHistory(success.get(stage), record.get(stage)) for stage in record}
 
         return self._read(read, {})
+
+    def serve_events(self, pipeline: str, limit: int | None = 50) -> list[ServeEventInfo]:
+        """As Store.serve_events: `pipeline`'s serving events, newest first."""
+        def read(conn: sqlite3.Connection) -> list[ServeEventInfo]:
+            rows = conn.execute("SELECT pipeline, at, event, run_id, digest, ok, detail FROM serve_event "
+                                "WHERE pipeline = ? ORDER BY at DESC, id DESC LIMIT ?",
+                                (pipeline, -1 if limit is None else limit)).fetchall()
+            return [ServeEventInfo(pipeline=p, at=required_time(at), event=event, run_id=run_id, digest=digest, ok=bool(ok),
+                                   detail=detail) for p, at, event, run_id, digest, ok, detail in rows]
+
+        return self._read(read, [])
 
     def hash_memo(self) -> TableHashMemo:
         """A HashMemo over the `file_hash` table; its puts stay in this process (a read writes no history)."""
@@ -260,6 +272,13 @@ def error_line(error: sqlite3.Error) -> str:
 def parse_time(value: str | None) -> datetime | None:
     """SQLAlchemy's SQLite text ("2026-12-02 10:19:14.123456", naive UTC) or CURRENT_TIMESTAMP's, made aware."""
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def required_time(value: str) -> datetime:
+    """parse_time of a NOT NULL column."""
+    moment = parse_time(value)
+    assert moment is not None
+    return moment
 
 
 def time_text(moment: datetime | None) -> str | None:

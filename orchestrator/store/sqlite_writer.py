@@ -40,7 +40,14 @@ from orchestrator.store.records import (
     seconds_between,
 )
 from orchestrator.store.schema import SCHEMA_VERSION, signed64
-from orchestrator.store.sqlite_reader import SqliteHistory, TableHashMemo, error_line, parse_time, time_text
+from orchestrator.store.sqlite_reader import (
+    SqliteHistory,
+    TableHashMemo,
+    error_line,
+    parse_time,
+    required_time,
+    time_text,
+)
 
 T = TypeVar("T")
 _RUNNING = RunStatus.RUNNING.value
@@ -214,7 +221,7 @@ class SqliteRunStore(SqliteHistory):
         def read(conn: sqlite3.Connection) -> list[tuple[datetime, str, float]]:
             passed = conn.execute(_GATE_PASSED, (pipeline, stage, metric)).fetchone()
             accepted = conn.execute(_GATE_ACCEPTED, (pipeline, stage, metric)).fetchone()
-            return [(_when(row[0]), row[1], row[2]) for row in (passed, accepted) if row]
+            return [(required_time(row[0]), row[1], row[2]) for row in (passed, accepted) if row]
 
         found: list[tuple[datetime, str, float]] = self._read(read, [])
         if not found:
@@ -286,13 +293,7 @@ def _gone(owner: Sequence[Any], now: datetime, host: str) -> str | None:
 
 def _db_now(conn: sqlite3.Connection) -> datetime:
     """The database's clock, which leases are written and judged by (store._db_now; SQLite: to the second)."""
-    return _when(conn.execute("SELECT CURRENT_TIMESTAMP").fetchone()[0])
-
-
-def _when(value: str) -> datetime:
-    moment = parse_time(value)
-    assert moment is not None
-    return moment
+    return required_time(conn.execute("SELECT CURRENT_TIMESTAMP").fetchone()[0])
 
 
 def _flag(value: bool | None) -> int | None:

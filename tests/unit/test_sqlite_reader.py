@@ -95,6 +95,22 @@ def test_the_hash_memo_reads_alike_with_inodes_past_2_63(tmp_path: Path) -> None
     assert sqlite3.connect(path).execute("SELECT count(*) FROM file_hash").fetchone() == (1,)
 
 
+def test_serving_events_read_alike_newest_first_and_limited(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.db"
+    with Store(f"sqlite:///{path}") as store:
+        run_id = begin(store)
+        for event, ok in (("started", True), ("promote_failed", False), ("promoted", True), ("stopped", True)):
+            store.record_serve_event("iris", event, run_id, f"d-{event}", ok=ok, detail=f"why {event}")
+        store.record_serve_event("iris", "promoted", "not-a-run", None)
+        store.record_serve_event("wine", "started", None, None)
+    for pipeline, limit in (("iris", None), ("iris", 2), ("wine", 50), ("none", None)):
+        kept, read = both(path, lambda h, p=pipeline, n=limit: h.serve_events(p, limit=n))
+        assert read == kept, (pipeline, limit)
+    events = both(path, lambda h: h.serve_events("iris", limit=None))[1]
+    assert [e.event for e in events][:2] == ["promoted", "stopped"] and events[0].run_id is None
+    assert events[-2].ok is False and events[-1].detail == "why started"
+
+
 def test_absent_empty_older_newer_and_foreign_files_read_as_store_reads_them(tmp_path: Path) -> None:
     absent = tmp_path / "absent.db"
     assert both(absent, lambda h: (h.latest_run("iris"), h.stage_histories("iris"))) == ((None, {}), (None, {}))
