@@ -1,6 +1,7 @@
-"""What `pipe status` reads of a SQLite history, answered with the standard library's sqlite3: the latest run,
-every stage's last success and last record, and the file-hash memo. The same values Store gives (a test compares
-the two on the same databases), without importing SQLAlchemy, which took about half of a `pipe status` (issue 20).
+"""What `pipe status`, a dry run and the end of `pipe run` read of a SQLite history, answered with the standard
+library's sqlite3: the latest run, every stage's last success and last record, the serving events and the
+file-hash memo. The same values Store gives (a test compares the two on the same databases), without importing
+SQLAlchemy, which took about half of a `pipe status` (issue 20). sqlite_writer.py adds what a run writes.
 
 Read-only as `Store(url, read_only=True)` is: nothing is created, migrated or switched to WAL; an absent or empty
 file is empty history; an older schema is one StoreError line (schema.py says it for both). A running run whose
@@ -144,8 +145,8 @@ class SqliteHistory:
             rows = conn.execute("SELECT pipeline, at, event, run_id, digest, ok, detail FROM serve_event "
                                 "WHERE pipeline = ? ORDER BY at DESC, id DESC LIMIT ?",
                                 (pipeline, -1 if limit is None else limit)).fetchall()
-            return [ServeEventInfo(pipeline=p, at=required_time(at), event=event, run_id=run_id, digest=digest, ok=bool(ok),
-                                   detail=detail) for p, at, event, run_id, digest, ok, detail in rows]
+            return [ServeEventInfo(pipeline=p, at=required_time(at), event=event, run_id=run_id, digest=digest,
+                                   ok=bool(ok), detail=detail) for p, at, event, run_id, digest, ok, detail in rows]
 
         return self._read(read, [])
 
