@@ -115,7 +115,7 @@ class SqliteHistory:
             if info.status is RunStatus.RUNNING:
                 now = parse_time(conn.execute("SELECT CURRENT_TIMESTAMP").fetchone()[0])
                 assert now is not None
-                why = gone(Owner(row[9], row[10], row[14], parse_time(row[16])), now, this_host())
+                why = owner_gone((row[9], row[10], row[14], row[16]), now, this_host())
                 if why is not None:
                     info = interrupted_view(info, parse_time(row[15]) or now, f"{INTERRUPTED}: {why}")
             return info
@@ -273,6 +273,11 @@ def error_line(error: sqlite3.Error) -> str:
 def parse_time(value: str | None) -> datetime | None:
     """SQLAlchemy's SQLite text ("2026-12-02 10:19:14.123456", naive UTC) or CURRENT_TIMESTAMP's, made aware."""
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def owner_gone(owner: Sequence[Any], now: datetime, host: str) -> str | None:
+    """lease.gone of a run row's (host, pid, owner_process, lease_expires_at)."""
+    return gone(Owner(owner[0], owner[1], owner[2], parse_time(owner[3])), now, host)
 
 
 def required_time(value: str) -> datetime:

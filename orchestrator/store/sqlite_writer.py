@@ -26,8 +26,6 @@ from orchestrator.store.lease import (
     LEASE_S,
     Heartbeat,
     Leases,
-    Owner,
-    gone,
     process_identity,
     this_host,
 )
@@ -44,6 +42,7 @@ from orchestrator.store.sqlite_reader import (
     SqliteHistory,
     TableHashMemo,
     error_line,
+    owner_gone,
     parse_time,
     required_time,
     time_text,
@@ -202,7 +201,7 @@ class SqliteRunStore(SqliteHistory):
             rows = conn.execute(f"SELECT id, {_OWNER} FROM run WHERE pipeline = ? AND status = ?",
                                 (pipeline, _RUNNING)).fetchall()
             now, host = _db_now(conn), this_host()
-            verdicts = {row[0]: _gone(row[1:], now, host) for row in rows}
+            verdicts = {row[0]: owner_gone(row[1:], now, host) for row in rows}
             return {run_id: why for run_id, why in verdicts.items() if why is not None}
 
         dead: dict[str, str] = self._read(read, {})
@@ -213,7 +212,7 @@ class SqliteRunStore(SqliteHistory):
             row = conn.execute(f"SELECT status, {_OWNER} FROM run WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
-            return row[0] == _RUNNING and _gone(row[1:], _db_now(conn), this_host()) is None
+            return row[0] == _RUNNING and owner_gone(row[1:], _db_now(conn), this_host()) is None
 
         return self._read(read, None)
 
@@ -284,11 +283,6 @@ def _details(conn: sqlite3.Connection, stage_id: int, artifacts: Sequence[tuple[
                      [(stage_id, *artifact) for artifact in artifacts])
     conn.executemany("INSERT INTO metric (stage_run_id, name, value) VALUES (?, ?, ?)",
                      [(stage_id, name, value) for name, value in sorted(metrics.items())])
-
-
-def _gone(owner: Sequence[Any], now: datetime, host: str) -> str | None:
-    """lease.gone of a row's (host, pid, owner_process, lease_expires_at)."""
-    return gone(Owner(owner[0], owner[1], owner[2], parse_time(owner[3])), now, host)
 
 
 def _db_now(conn: sqlite3.Connection) -> datetime:
